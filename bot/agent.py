@@ -1,0 +1,91 @@
+"""Agents: a step function from a thread's events to the next step, plus tools, approvals and limits."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bot.events import Event, LLMInfo
+from bot.tools import Tool
+
+
+@dataclass(frozen=True)
+class CallTool:
+    tool: str
+    args: dict[str, Any]
+    reason: str = ""
+    kind: Literal["call_tool"] = "call_tool"
+
+
+@dataclass(frozen=True)
+class SendReply:
+    text: str
+    kind: Literal["reply"] = "reply"
+
+
+@dataclass(frozen=True)
+class AskHuman:
+    question: str
+    kind: Literal["ask_human"] = "ask_human"
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """The step produced something unusable (bad JSON, unknown tool...): recorded as an error, retried."""
+
+    error_kind: str
+    message: str
+    kind: Literal["malformed"] = "malformed"
+
+
+Step = CallTool | SendReply | AskHuman
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    step: Step | Malformed
+    llm: LLMInfo | None = None
+
+
+# The agent step (factor 12): the thread's events in, the next step out. Nothing else is read or written.
+StepFn = Callable[[Sequence[Event]], Awaitable[StepOutcome]]
+
+
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    approvers: tuple[str, ...]
+
+    def allows(self, identity: str) -> bool:
+        """Approvers are exact identities (``slack:U123``) or a whole channel kind (``terminal:*``)."""
+        kind = identity.split(":", 1)[0]
+        return identity in self.approvers or f"{kind}:*" in self.approvers
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    tool: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    step: StepFn
+    tools: dict[str, Tool]
+    approvals: dict[str, ApprovalPolicy]  # tool name -> who may approve; a tool listed here is gated
+    max_steps: int = 12
+    prefetch: tuple[Prefetch, ...] = ()
+    description: str = ""
+
+    def gated(self, tool: str) -> ApprovalPolicy | None:
+        return self.approvals.get(tool)
+
+
+def deterministic(fn: Callable[[Sequence[Event]], Step]) -> StepFn:
+    """Wrap a plain-Python step (no model at all) as an agent step."""
+
+    async def step(events: Sequence[Event]) -> StepOutcome:
+        return StepOutcome(fn(events))
+
+    return step

@@ -1,0 +1,192 @@
+"""Approval records: created with the gated call they are bound to, decided once, checked before running."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from bot import codec
+from bot.bus import SEEN_TTL, Command
+from bot.errors import ApprovalRequired, NotFound
+from bot.events import ApprovalDecided, ApprovalRequested, args_hash, now_ms
+from bot.keys import Keys
+
+# First decision wins: check the state, check the approver, record the decision and put the event on the
+# inbound stream, all in one step. ARGV: identity, "1"/"0", time, encoded event, ttl, id, approved-args hash.
+_DECIDE = """
+local st = redis.call('HMGET', KEYS[1], 'state', 'approvers', 'by', 'at')
+if not st[1] then return {'missing'} end
+if st[1] ~= 'pending' then return {'decided', st[1], st[3], st[4]} end
+local kind = string.match(ARGV[1], '^([^:]*):') or ''
+local allowed = false
+for a in string.gmatch(st[2], '[^\\n]+') do
+  if a == ARGV[1] or a == kind .. ':*' then allowed = true end
+end
+if not allowed then return {'forbidden'} end
+local state = 'rejected'
+if ARGV[2] == '1' then state = 'approved' end
+redis.call('HSET', KEYS[1], 'state', state, 'by', ARGV[1], 'at', ARGV[3], 'approved_hash', ARGV[7])
+redis.call('ZREM', KEYS[2], ARGV[6])
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[5])
+redis.call('XADD', KEYS[4], '*', 'e', ARGV[4])
+return {'ok', state, ARGV[1], ARGV[3]}
+"""
+
+State = Literal["pending", "approved", "rejected"]
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    id: str
+    thread_id: str
+    call_id: str
+    tool: str
+    args: dict[str, Any]
+    args_hash: str
+    approvers: tuple[str, ...]
+    reason: str
+    state: State
+    requested_at: int
+    by: str = ""
+    at: int = 0
+    approved_hash: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to a decision attempt, for the channel it was made in."""
+
+    result: Literal["ok", "decided", "forbidden", "missing"]
+    state: str = ""
+    by: str = ""
+    at: int = 0
+
+    @property
+    def message(self) -> str:
+        if self.result == "ok":
+            return f"{self.state} by {self.by}"
+        if self.result == "decided":
+            return f"already {self.state} by {self.by} at {_clock(self.at)}"
+        if self.result == "forbidden":
+            return "you are not allowed to decide this approval"
+        return "no such approval"
+
+
+def _clock(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def request_commands(keys: Keys, req: ApprovalRequested) -> list[Command]:
+    """The writes that open an approval; they go in the same atomic commit as the request event."""
+    return [
+        (
+            "HSET", keys.approval(req.approval_id),
+            "thread_id", req.thread_id, "call_id", req.call_id, "tool", req.tool,
+            "args", json.dumps(req.args, sort_keys=True), "args_hash", req.args_hash,
+            "approvers", "\n".join(req.approvers), "reason", req.reason, "state", "pending",
+            "requested_at", req.at,
+        ),
+        ("ZADD", keys.pending_approvals, req.at, req.approval_id),
+    ]  # fmt: skip
+
+
+def _record(approval_id: str, raw: dict[bytes, bytes]) -> ApprovalRecord:
+    f = {k.decode(): v.decode() for k, v in raw.items()}
+    return ApprovalRecord(
+        id=approval_id,
+        thread_id=f["thread_id"],
+        call_id=f["call_id"],
+        tool=f["tool"],
+        args=json.loads(f["args"]),
+        args_hash=f["args_hash"],
+        approvers=tuple(a for a in f["approvers"].split("\n") if a),
+        reason=f.get("reason", ""),
+        state=f["state"],  # type: ignore[arg-type]
+        requested_at=int(f["requested_at"]),
+        by=f.get("by", ""),
+        at=int(f.get("at") or 0),
+        approved_hash=f.get("approved_hash", ""),
+    )
+
+
+async def get(redis: aioredis.Redis, keys: Keys, approval_id: str) -> ApprovalRecord:
+    raw = await redis.hgetall(keys.approval(approval_id))
+    if not raw:
+        raise NotFound(f"no approval {approval_id!r} (see 'handrail approvals list')")
+    return _record(approval_id, raw)
+
+
+async def pending(redis: aioredis.Redis, keys: Keys, limit: int = 100) -> list[ApprovalRecord]:
+    ids = [i.decode() for i in await redis.zrange(keys.pending_approvals, 0, limit - 1)]
+    pipe = redis.pipeline(transaction=False)
+    for i in ids:
+        pipe.hgetall(keys.approval(i))
+    return [_record(i, raw) for i, raw in zip(ids, await pipe.execute(), strict=True) if raw]
+
+
+async def decide(
+    redis: aioredis.Redis,
+    keys: Keys,
+    approval_id: str,
+    *,
+    by: str,
+    approved: bool,
+    feedback: str = "",
+    args: dict[str, Any] | None = None,
+) -> Outcome:
+    """Record a decision if it is the first and ``by`` may make it; the thread resumes from the inbound event.
+
+    ``args`` replaces the call's arguments (an approver's edit); the caller validates them against the tool.
+    """
+    raw = await redis.hgetall(keys.approval(approval_id))
+    if not raw:
+        return Outcome("missing")
+    rec = _record(approval_id, raw)
+    run_args = rec.args if args is None else args
+    event = ApprovalDecided(
+        thread_id=rec.thread_id,
+        key=f"approval:{approval_id}",
+        approval_id=approval_id,
+        approved=approved,
+        by=by,
+        feedback=feedback,
+        args=args,
+        args_hash=args_hash(rec.tool, run_args) if approved else "",
+    )
+    script = redis.register_script(_DECIDE)
+    res = await script(
+        keys=[
+            keys.approval(approval_id),
+            keys.pending_approvals,
+            keys.seen(event.key),
+            keys.inbound_for(rec.thread_id),
+        ],
+        args=[by, "1" if approved else "0", now_ms(), codec.encode(event, keep_thread=True), SEEN_TTL,
+              approval_id, event.args_hash],
+    )  # fmt: skip
+    kind = res[0].decode()
+    if kind in ("ok", "decided"):
+        return Outcome(kind, res[1].decode(), res[2].decode(), int(res[3] or 0))  # type: ignore[arg-type]
+    return Outcome(kind)  # type: ignore[arg-type]
+
+
+async def check_approved(
+    redis: aioredis.Redis, keys: Keys, approval_id: str | None, tool: str, args: dict[str, Any]
+) -> ApprovalRecord:
+    """The executor's gate: a recorded, approved decision bound to exactly this tool and these arguments."""
+    if approval_id is None:
+        raise ApprovalRequired(tool, "?", "no approval was requested for this call")
+    raw = await redis.hgetall(keys.approval(approval_id))
+    if not raw:
+        raise ApprovalRequired(tool, approval_id, "no approval record")
+    rec = _record(approval_id, raw)
+    if rec.state != "approved":
+        raise ApprovalRequired(tool, rec.call_id, f"approval is {rec.state}")
+    if rec.tool != tool or rec.approved_hash != args_hash(tool, args):
+        raise ApprovalRequired(tool, rec.call_id, "the approved call differs from this one")
+    return rec

@@ -1,0 +1,104 @@
+"""The inbound bus: publish with de-duplication, the dead-letter stream, and the fenced commit primitive."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from bot import codec
+from bot.errors import LeaseLost, NotFound
+from bot.events import Event
+from bot.keys import INBOUND_GROUP, Keys
+
+SEEN_TTL = 7 * 24 * 3600  # a repeat of an inbound event within a week is recognised at the door
+
+# Accept an event once: remember its idempotency key and put it on the stream, atomically.
+_PUBLISH = """
+if ARGV[3] == '' or redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
+end
+return false
+"""
+
+# Run a batch of commands only while the caller still holds its partition lease (the fencing check).
+# ARGV: token, then for each command its argument count followed by its arguments.
+_FENCED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LEASELOST') end
+local i, out = 2, {}
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  out[#out + 1] = redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return out
+"""
+
+Command = Sequence[str | bytes | int | float]
+
+
+@dataclass
+class Bus:
+    redis: aioredis.Redis
+    keys: Keys
+
+    def __post_init__(self) -> None:
+        self._publish = self.redis.register_script(_PUBLISH)
+        self._fenced = self.redis.register_script(_FENCED)
+
+    async def ensure_groups(self) -> None:
+        for p in range(self.keys.partitions):
+            try:
+                await self.redis.xgroup_create(self.keys.inbound(p), INBOUND_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def publish(self, event: Event, *, dedupe: bool = True) -> str | None:
+        """Put an inbound event on its thread's partition; returns the entry id, or None for a repeat.
+
+        Only after this returns may a source be told "accepted".
+        """
+        if dedupe and not event.key:
+            raise ValueError(f"inbound event {event.type} has no idempotency key")
+        entry = await self._publish(
+            keys=[self.keys.seen(event.key or "-"), self.keys.inbound_for(event.thread_id)],
+            args=[SEEN_TTL, codec.encode(event, keep_thread=True), event.key if dedupe else ""],
+        )
+        return entry.decode() if entry else None
+
+    async def fenced(self, lease_key: str, token: str, commands: Sequence[Command]) -> list[Any]:
+        """Apply ``commands`` atomically if ``token`` still holds ``lease_key``; else raise LeaseLost."""
+        args: list[Any] = [token]
+        for cmd in commands:
+            args.append(len(cmd))
+            args.extend(cmd)
+        try:
+            result: list[Any] = await self._fenced(keys=[lease_key], args=args)
+        except ResponseError as exc:
+            if "LEASELOST" in str(exc):
+                raise LeaseLost(lease_key) from None
+            raise
+        return result
+
+    # -- the dead-letter stream -------------------------------------------------------------------------
+
+    async def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+        rows = await self.redis.xrange(self.keys.dlq, count=count)
+        return [(i.decode(), {k.decode(): v.decode(errors="replace") for k, v in f.items()}) for i, f in rows]
+
+    async def retry_dead_letter(self, dlq_id: str) -> str:
+        """Put a dead letter back on its inbound stream (bypassing the repeat check) and drop it from the DLQ."""
+        rows = await self.redis.xrange(self.keys.dlq, min=dlq_id, max=dlq_id)
+        if not rows:
+            raise NotFound(f"no dead letter {dlq_id} (see 'handrail dlq list')")
+        fields = rows[0][1]
+        pipe = self.redis.pipeline(transaction=True)
+        field = fields.get(b"field", b"e").decode()
+        pipe.xadd(fields[b"stream"].decode(), {field: fields[b"payload"]})
+        pipe.xdel(self.keys.dlq, dlq_id)
+        entry, _ = await pipe.execute()
+        return str(entry.decode())

@@ -1,0 +1,272 @@
+"""The ``handrail`` command: a thin shell over the library calls in bot.control and friends.
+
+This is the wiring layer: the one place that knows which channels exist (imported inside the commands).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from bot import approvals, control, threads
+from bot.errors import HandrailError
+from bot.runtime import Deps, open_deps
+from bot.timeline import clock, line
+
+T = TypeVar("T")
+
+
+def _identity(value: str | None) -> str:
+    return value or f"terminal:{getpass.getuser()}"
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except HandrailError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def with_deps(*, config: bool = True) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
+    """Run an async command body with the runtime's dependencies opened (and closed) around it."""
+
+    def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        @wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            async def main() -> Any:
+                async with open_deps(with_config=config) as deps:
+                    return await fn(deps, *args, **kwargs)
+
+            return _run(main())
+
+        return command
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def cli(verbose: bool) -> None:
+    """Handrail: small, reliable LLM agents that ask a human before anything that matters.
+
+    Redis comes from REDIS_URL; without it an embedded Redis keeps its data under .handrail/.
+    Agents come from config/handrail.yaml (HANDRAIL_CONFIG).
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+async def _serve(deps: Deps, workers: int) -> None:
+    from bot.worker import Worker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await asyncio.gather(*(Worker(deps).run(stop) for _ in range(workers)))
+
+
+@cli.command()
+@click.option("--workers", default=1, show_default=True, help="Worker loops in this process.")
+@with_deps()
+async def up(deps: Deps, workers: int) -> None:
+    """Run everything in one process (embedded Redis when REDIS_URL is unset)."""
+    logging.getLogger("bot").setLevel(logging.INFO)
+    where = deps.settings.redis_url or f"embedded Redis (data in {deps.settings.data_dir}/)"
+    click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}.")
+    click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
+    await _serve(deps, workers)
+
+
+@cli.command()
+@with_deps()
+async def worker(deps: Deps) -> None:
+    """Run one agent worker (start as many as you like against one Redis)."""
+    logging.getLogger("bot").setLevel(logging.INFO)
+    await _serve(deps, 1)
+
+
+@cli.command()
+@click.option("--agent", help="Agent to talk to (default: the route for 'terminal' in the config).")
+@click.option("--thread", "thread_id", help="Continue an existing thread.")
+@click.option("--as", "identity", help="Who you are, for approvals (default: terminal:$USER).")
+@with_deps()
+async def chat(deps: Deps, agent: str | None, thread_id: str | None, identity: str | None) -> None:
+    """Talk to an agent in the terminal and decide its approvals at the prompt."""
+    from channels.terminal import TerminalChat, stdin_lines
+
+    if thread_id:
+        agent = (await threads.get(deps.redis, deps.keys, thread_id)).agent
+    name = agent or deps.agents.route("terminal")
+    deps.agents.agent(name)
+    session = TerminalChat(deps, agent=name, identity=_identity(identity), thread_id=thread_id)
+    await session.run(stdin_lines())
+
+
+# -- threads ------------------------------------------------------------------------------------------------
+
+
+@cli.group("threads")
+def threads_cmd() -> None:
+    """List, show, launch, pause, resume and cancel threads."""
+
+
+@threads_cmd.command("list")
+@click.option("--agent", help="Only this agent's threads.")
+@click.option("--status", help="Only threads in this status (running, waiting_approval, done...).")
+@click.option("--limit", default=50, show_default=True)
+@with_deps()
+async def threads_list(deps: Deps, agent: str | None, status: str | None, limit: int) -> None:
+    """Threads, most recently active first."""
+    rows = await control.list_threads(deps, agent=agent, status=status, limit=limit)
+    if not rows:
+        click.echo("no threads")
+    for r in rows:
+        click.echo(f"{r.id:<20} {r.agent:<16} {r.status:<17} {r.events:>4} events  {clock(r.updated)}")
+
+
+@threads_cmd.command("show")
+@click.argument("thread_id")
+@click.option("--prompts/--no-prompts", default=True, show_default=True, help="Print the prompt of each model step.")
+@with_deps()
+async def threads_show(deps: Deps, thread_id: str, prompts: bool) -> None:
+    """A thread's timeline, with the exact prompt sent at each model step."""
+    thread = await threads.get(deps.redis, deps.keys, thread_id)
+    click.echo(f"thread {thread.id}  agent {thread.agent}  status {thread.status}")
+    for i, e in enumerate(thread.events):
+        click.echo(line(e))
+        sent = control.prompt_of(deps, thread, i) if prompts else None
+        if sent is not None:
+            mark = "verified: identical to what was sent" if sent.verified else "NOT identical (template changed)"
+            click.echo(f"    prompt ({mark}):")
+            for m in sent.messages:
+                click.echo(f"      [{m['role']}]")
+                click.echo("        " + str(m["content"]).replace("\n", "\n        "))
+
+
+@threads_cmd.command("launch")
+@click.argument("message")
+@click.option("--agent", required=True, help="Agent to start.")
+@click.option("--thread", "thread_id", help="Thread id to use (default: a new one).")
+@click.option("--as", "identity", help="Who is asking (default: terminal:$USER).")
+@with_deps()
+async def threads_launch(deps: Deps, message: str, agent: str, thread_id: str | None, identity: str | None) -> None:
+    """Start a thread; follow it with `handrail chat --thread ID`."""
+    from channels.terminal import KIND
+    from bot.events import ChannelRef, new_id
+
+    tid = thread_id or new_id()
+    accepted = await control.launch(
+        deps, agent, message, ChannelRef(kind=KIND, address=tid, user=_identity(identity)), thread_id=tid
+    )
+    click.echo(accepted.thread_id)
+
+
+def _control_command(name: str, verb: Callable[..., Awaitable[control.Accepted]], help_text: str) -> None:
+    @threads_cmd.command(name, help=help_text)
+    @click.argument("thread_id")
+    @click.option("--as", "identity", help="Who does it (default: terminal:$USER).")
+    @with_deps()
+    async def command(deps: Deps, thread_id: str, identity: str | None) -> None:
+        await verb(deps, thread_id, _identity(identity))
+        click.echo(f"{name}: {thread_id}")
+
+
+_control_command("pause", control.pause, "Pause a thread: nothing runs until it is resumed.")
+_control_command("resume", control.resume, "Resume a paused (or failed) thread.")
+_control_command("cancel", control.cancel, "Cancel a thread for good.")
+
+
+# -- approvals ------------------------------------------------------------------------------------------------
+
+
+@cli.group("approvals")
+def approvals_cmd() -> None:
+    """List and decide pending approvals."""
+
+
+@approvals_cmd.command("list")
+@with_deps(config=False)
+async def approvals_list(deps: Deps) -> None:
+    """Approvals waiting for a decision, oldest first."""
+    rows = await approvals.pending(deps.redis, deps.keys)
+    if not rows:
+        click.echo("no pending approvals")
+    for a in rows:
+        click.echo(f"{a.id:<16} thread {a.thread_id:<16} {a.tool}({json.dumps(a.args, sort_keys=True)})"
+                   f"  approvers: {', '.join(a.approvers)}  since {clock(a.requested_at)}")  # fmt: skip
+
+
+def _report(outcome: approvals.Outcome) -> None:
+    if outcome.result != "ok":
+        raise click.ClickException(outcome.message)
+    click.echo(outcome.message)
+
+
+@approvals_cmd.command("approve")
+@click.argument("approval_id")
+@click.option("--as", "identity", help="Who approves (default: terminal:$USER).")
+@click.option("--args", "edited", help="Approve with these arguments instead (a JSON object).")
+@with_deps()
+async def approvals_approve(deps: Deps, approval_id: str, identity: str | None, edited: str | None) -> None:
+    """Approve a pending tool call (it then runs once)."""
+    args = None
+    if edited is not None:
+        try:
+            args = json.loads(edited)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--args") from None
+        if not isinstance(args, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--args")
+    _report(await control.decide(deps, approval_id, by=_identity(identity), approved=True, args=args))
+
+
+@approvals_cmd.command("reject")
+@click.argument("approval_id")
+@click.option("--reason", required=True, help="What the agent should know (it re-plans with it).")
+@click.option("--as", "identity", help="Who rejects (default: terminal:$USER).")
+@with_deps()
+async def approvals_reject(deps: Deps, approval_id: str, reason: str, identity: str | None) -> None:
+    """Reject a pending tool call, with feedback for the agent."""
+    _report(await control.decide(deps, approval_id, by=_identity(identity), approved=False, feedback=reason))
+
+
+# -- dead letters ----------------------------------------------------------------------------------------------
+
+
+@cli.group("dlq")
+def dlq_cmd() -> None:
+    """Entries that failed again and again: see why, and retry them."""
+
+
+@dlq_cmd.command("list")
+@with_deps(config=False)
+async def dlq_list(deps: Deps) -> None:
+    """Dead letters, oldest first, with their errors."""
+    rows = await deps.bus.dead_letters()
+    if not rows:
+        click.echo("no dead letters")
+    for dlq_id, f in rows:
+        click.echo(f"{dlq_id}  from {f.get('stream', '?')}: {f.get('error', '')}")
+
+
+@dlq_cmd.command("retry")
+@click.argument("dlq_id")
+@with_deps(config=False)
+async def dlq_retry(deps: Deps, dlq_id: str) -> None:
+    """Put a dead letter back on its stream."""
+    entry = await deps.bus.retry_dead_letter(dlq_id)
+    click.echo(f"retried {dlq_id} as {entry}")
+
+
+def main() -> None:
+    cli()

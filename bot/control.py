@@ -1,0 +1,137 @@
+"""Launch, message, pause, resume, cancel and decide: the library calls every CLI verb and API route uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from bot import approvals, threads
+from bot.context import request_sha
+from bot.errors import HandrailError, NotFound
+from bot.events import (
+    ChannelRef,
+    Event,
+    MessageReceived,
+    ThreadCancelled,
+    ThreadLaunched,
+    ThreadPaused,
+    ThreadResumed,
+    new_id,
+)
+from bot.llm import LLMStep
+from bot.runtime import Deps
+from bot.threads import Status, Thread
+
+
+@dataclass(frozen=True)
+class Accepted:
+    thread_id: str
+    entry: str | None  # None: a repeat of an event already accepted
+
+    @property
+    def duplicate(self) -> bool:
+        return self.entry is None
+
+
+async def launch(
+    deps: Deps, agent: str, text: str, ref: ChannelRef, *, thread_id: str | None = None, key: str | None = None
+) -> Accepted:
+    """Start a thread for ``agent`` with a first message; returns once both events are on the inbound stream."""
+    deps.agents.agent(agent)  # fails with a clear error for an unknown agent
+    thread_id = thread_id or new_id()
+    await deps.bus.publish(ThreadLaunched(thread_id=thread_id, key=f"launch:{thread_id}", agent=agent, ref=ref))
+    entry = await deps.bus.publish(
+        MessageReceived(thread_id=thread_id, key=key or f"msg:{new_id()}", text=text, user=ref.user, ref=ref)
+    )
+    return Accepted(thread_id, entry)
+
+
+async def send(deps: Deps, thread_id: str, text: str, ref: ChannelRef, *, key: str | None = None) -> Accepted:
+    event = MessageReceived(thread_id=thread_id, key=key or f"msg:{new_id()}", text=text, user=ref.user, ref=ref)
+    return Accepted(thread_id, await deps.bus.publish(event))
+
+
+async def _control(deps: Deps, event: Event) -> Accepted:
+    await threads.get(deps.redis, deps.keys, event.thread_id)  # NotFound for an unknown thread
+    return Accepted(event.thread_id, await deps.bus.publish(event))
+
+
+async def pause(deps: Deps, thread_id: str, by: str) -> Accepted:
+    return await _control(deps, ThreadPaused(thread_id=thread_id, key=f"pause:{new_id()}", by=by))
+
+
+async def resume(deps: Deps, thread_id: str, by: str) -> Accepted:
+    return await _control(deps, ThreadResumed(thread_id=thread_id, key=f"resume:{new_id()}", by=by))
+
+
+async def cancel(deps: Deps, thread_id: str, by: str, reason: str = "") -> Accepted:
+    return await _control(deps, ThreadCancelled(thread_id=thread_id, key=f"cancel:{new_id()}", by=by, reason=reason))
+
+
+async def decide(
+    deps: Deps,
+    approval_id: str,
+    *,
+    by: str,
+    approved: bool,
+    feedback: str = "",
+    args: dict[str, Any] | None = None,
+) -> approvals.Outcome:
+    """Approve or reject; edited ``args`` are checked against the tool's schema before anything is recorded."""
+    if args is not None:
+        record = await approvals.get(deps.redis, deps.keys, approval_id)
+        thread = await threads.get(deps.redis, deps.keys, record.thread_id)
+        tool = deps.agents.agent(thread.agent).tools[record.tool]
+        try:
+            args = tool.validate(args).model_dump(mode="json")
+        except ValidationError as exc:
+            raise HandrailError(f"edited arguments for {record.tool} are invalid: {exc}") from None
+    return await approvals.decide(
+        deps.redis, deps.keys, approval_id, by=by, approved=approved, feedback=feedback, args=args
+    )
+
+
+@dataclass(frozen=True)
+class Summary:
+    id: str
+    agent: str
+    status: Status
+    events: int
+    updated: int
+
+
+async def list_threads(
+    deps: Deps, *, agent: str | None = None, status: str | None = None, limit: int = 50
+) -> list[Summary]:
+    out: list[Summary] = []
+    for tid in await threads.recent_ids(deps.redis, deps.keys, limit=limit * 4 if (agent or status) else limit):
+        t = await threads.load(deps.redis, deps.keys, tid)
+        if not t.events or (agent and t.agent != agent) or (status and t.status != status):
+            continue
+        out.append(Summary(t.id, t.agent, t.status, len(t.events), t.events[-1].at))
+        if len(out) >= limit:
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class SentPrompt:
+    messages: list[dict[str, Any]]
+    verified: bool  # the re-rendered request hashes to what was recorded as sent
+
+
+def prompt_of(deps: Deps, thread: Thread, index: int) -> SentPrompt | None:
+    """Rebuild the exact request the model saw for the step recorded at ``thread.events[index]``."""
+    llm = getattr(thread.events[index], "llm", None)
+    if llm is None:
+        return None
+    step = deps.agents.agent(thread.agent).step
+    if not isinstance(step, LLMStep):
+        return None
+    messages, tools, _ = step.request(thread.events[: llm.prompt_upto])
+    return SentPrompt(messages, request_sha(messages, tools) == llm.prompt_sha)
+
+
+__all__ = ["Accepted", "NotFound", "cancel", "decide", "launch", "list_threads", "pause", "resume", "send"]

@@ -1,0 +1,35 @@
+"""Handrail's exceptions, in two families: signals that carry data, and failures that say what to do next."""
+
+from __future__ import annotations
+
+
+class HandrailError(Exception):
+    """A failure the user can act on; the message says what to do."""
+
+
+class ConfigError(HandrailError):
+    """The configuration is wrong: the message names the file, the key and the problem."""
+
+    def __init__(self, path: str, key: str, problem: str) -> None:
+        self.path, self.key, self.problem = path, key, problem
+        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+
+
+class ModelNotConfigured(HandrailError):
+    """An LLM agent has no usable model: the message names the variable to set."""
+
+
+class NotFound(HandrailError):
+    """No thread, approval or dead letter with that id."""
+
+
+class LeaseLost(Exception):
+    """Signal: another worker now owns this partition; stop writing to it (the fencing token moved on)."""
+
+
+class ApprovalRequired(Exception):
+    """Signal: a gated tool call has no matching approved decision; the executor refuses to run it."""
+
+    def __init__(self, tool: str, call_id: str, why: str) -> None:
+        self.tool, self.call_id, self.why = tool, call_id, why
+        super().__init__(f"refusing to run {tool} ({call_id}): {why}")

@@ -1,0 +1,161 @@
+"""The LLM step: render the thread, call the model through litellm, turn its tool call into a Step.
+
+litellm takes seconds to import and fetches a price list at import unless told not to, so it is imported
+on the first model call only, with its bundled price list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bot.agent import AskHuman, CallTool, Malformed, SendReply, StepOutcome
+from bot.context import render, request_sha
+from bot.errors import ModelNotConfigured
+from bot.events import Event, LLMInfo
+from bot.tools import Tool
+
+# The two ways to end a turn, offered to the model next to the agent's own tools.
+_BUILTIN_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "reply",
+            "description": "Send your answer to the user and end your turn.",
+            "parameters": {
+                "type": "object",
+                "properties": {"text": {"type": "string"}},
+                "required": ["text"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "ask_human",
+            "description": "Ask the user a question you need answered before you can go on.",
+            "parameters": {
+                "type": "object",
+                "properties": {"question": {"type": "string"}},
+                "required": ["question"],
+            },
+        },
+    },
+]
+
+
+def _litellm() -> Any:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+class LLMStep:
+    """An agent step backed by a model. Its output is parsed here and validated by the runtime."""
+
+    def __init__(
+        self,
+        *,
+        agent: str,
+        model: str,
+        template_path: Path,
+        tools: dict[str, Tool],
+        api_base: str | None = None,
+        temperature: float = 0.0,
+        timeout: float = 120.0,
+    ) -> None:
+        self.agent, self.model, self.template_path = agent, model, template_path
+        self.tools, self.api_base, self.temperature, self.timeout = tools, api_base, temperature, timeout
+
+    def request(self, events: Sequence[Event]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+        """The exact messages and tools sent for this log, and the template's hash."""
+        template = self.template_path.read_text()
+        system = string.Template(template).safe_substitute(
+            agent=self.agent, tools=", ".join(sorted(self.tools)) or "(none)"
+        )
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": render(events)},
+        ]
+        tools = [t.schema() for t in self.tools.values()] + _BUILTIN_TOOLS
+        return messages, tools, hashlib.sha256(template.encode()).hexdigest()[:16]
+
+    def check_configured(self, litellm: Any) -> None:
+        if self.api_base:
+            return  # a local server (Ollama, vLLM, a test double) needs no provider key
+        env = litellm.validate_environment(model=self.model)
+        if not env.get("keys_in_environment", False):
+            missing = ", ".join(env.get("missing_keys") or []) or "the provider's API key"
+            raise ModelNotConfigured(
+                f"agent {self.agent!r} uses model {self.model!r}, which needs {missing}: "
+                f"set {missing} in the environment (or point the agent at another model) and resume the thread"
+            )
+
+    async def __call__(self, events: Sequence[Event]) -> StepOutcome:
+        litellm = _litellm()
+        self.check_configured(litellm)
+        messages, tools, template_sha = self.request(events)
+        resp = await litellm.acompletion(
+            model=self.model,
+            messages=messages,
+            tools=tools,
+            tool_choice="required",
+            temperature=self.temperature,
+            api_base=self.api_base,
+            timeout=self.timeout,
+        )
+        message = resp.choices[0].message
+        calls = [
+            {"name": c.function.name, "arguments": c.function.arguments} for c in (message.tool_calls or [])
+        ]
+        raw = json.dumps({"content": message.content, "tool_calls": calls}, separators=(",", ":"))
+        try:
+            cost = float(litellm.completion_cost(completion_response=resp))
+        except Exception:  # an unpriced (local) model: cost unknown, recorded as 0
+            cost = 0.0
+        usage = getattr(resp, "usage", None)
+        info = LLMInfo(
+            model=self.model,
+            raw=raw,
+            tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0),
+            tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
+            cost=cost,
+            prompt_sha=request_sha(messages, tools),
+            prompt_upto=len(events),
+            template_sha=template_sha,
+        )
+        return StepOutcome(parse(calls, message.content, set(self.tools)), info)
+
+
+def parse(calls: list[dict[str, Any]], content: str | None, tool_names: set[str]) -> CallTool | SendReply | AskHuman | Malformed:
+    """Turn the model's answer into a step, or say precisely what was wrong with it."""
+    if not calls:
+        if content and content.strip():
+            return SendReply(content.strip())
+        return Malformed("empty_output", "the answer had neither a tool call nor text")
+    if len(calls) > 1:
+        return Malformed("several_calls", "call exactly one tool per step")
+    name, arguments = calls[0]["name"], calls[0]["arguments"] or "{}"
+    try:
+        args = json.loads(arguments)
+    except json.JSONDecodeError as exc:
+        return Malformed("bad_json", f"arguments of {name} are not valid JSON: {exc.msg} at {exc.pos}")
+    if not isinstance(args, dict):
+        return Malformed("bad_json", f"arguments of {name} must be a JSON object")
+    if name == "reply" and isinstance(args.get("text"), str):
+        return SendReply(args["text"])
+    if name == "ask_human" and isinstance(args.get("question"), str):
+        return AskHuman(args["question"])
+    if name in ("reply", "ask_human"):
+        return Malformed("invalid_arguments", f"{name} needs a string {'text' if name == 'reply' else 'question'}")
+    if name not in tool_names:
+        return Malformed("unknown_tool", f"there is no tool {name!r}; use one of {sorted(tool_names)}")
+    return CallTool(name, args)

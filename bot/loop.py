@@ -1,0 +1,265 @@
+"""The owned loop: apply an inbound event to a thread and run the thread until it waits on the outside.
+
+Every change is an event appended to the thread's log in a fenced, atomic commit; a worker that dies
+anywhere here leaves a log from which the next worker carries on without repeating a completed tool call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from bot import approvals, codec
+from bot.agent import Agent, AskHuman, CallTool, Malformed, SendReply
+from bot.bus import Command
+from bot.errors import ApprovalRequired, ModelNotConfigured
+from bot.events import (
+    ApprovalDecided,
+    ApprovalRequested,
+    Error,
+    Event,
+    HumanAsked,
+    Reply,
+    ThreadFailed,
+    ToolCall,
+    ToolResult,
+    ToolStarted,
+    args_hash,
+    new_id,
+    now_ms,
+)
+from bot.keys import Keys
+from bot.outbox import Outbound, outbox_command
+from bot.plan import (
+    PREFETCH_PREFIX,
+    AskAgent,
+    Escalate,
+    Prefetch,
+    RunTool,
+    Wait,
+    next_action,
+    repeated_call,
+)
+from bot.threads import Status, Thread
+from bot.tools import ToolContext
+
+log = logging.getLogger(__name__)
+
+Commit = Callable[[Sequence[Command]], Awaitable[list[Any]]]
+
+
+@dataclass
+class Tx:
+    """Events and writes waiting to be committed for one thread; ``flush`` makes them durable."""
+
+    thread: Thread
+    keys: Keys
+    commit: Commit
+    fresh: list[Event] = field(default_factory=list)
+    extra: list[Command] = field(default_factory=list)
+
+    def add(self, event: Event, *extra: Command) -> None:
+        self.thread.events.append(event)
+        self.fresh.append(event)
+        self.extra.extend(extra)
+
+    def say(self, kind: str, text: str, approval: dict[str, Any] | None = None) -> None:
+        """Queue a message to the thread's humans, in the same commit as the event it reports."""
+        origin = self.thread.origin
+        if origin is None:
+            return
+        msg = Outbound(
+            id=self.fresh[-1].id if self.fresh else new_id(),
+            thread_id=self.thread.id,
+            ref=origin,
+            kind=kind,  # type: ignore[arg-type]
+            text=text,
+            approval=approval,
+        )
+        self.extra.append(outbox_command(self.keys, msg))
+
+    async def flush(self, *tail: Command) -> None:
+        if not (self.fresh or self.extra or tail):
+            return
+        log_key = self.keys.log(self.thread.id)
+        cmds: list[Command] = [("XADD", log_key, "*", "e", codec.encode(e)) for e in self.fresh]
+        cmds.extend(self.extra)
+        if self.fresh:
+            cmds.append(("ZADD", self.keys.threads, now_ms(), self.thread.id))
+        cmds.extend(tail)
+        await self.commit(cmds)
+        self.fresh.clear()
+        self.extra.clear()
+
+
+@dataclass
+class Runner:
+    """Drives threads forward. ``deps`` is handed to tools (see ToolContext)."""
+
+    deps: Any
+    keys: Keys
+
+    async def accept(self, thread: Thread, event: Event) -> str | None:
+        """Whether an inbound event applies to this thread; a reason when it does not (it is then dropped)."""
+        if event.key and thread.has_key(event.key):
+            return "repeat of an event already applied"
+        if not thread.events:
+            return None if event.type == "thread.launched" else "no such thread (launch it first)"
+        if event.type == "thread.launched":
+            return "thread already launched"
+        if thread.status is Status.CANCELLED:
+            return "thread is cancelled"
+        if isinstance(event, ApprovalDecided):
+            open_request = thread.open_approval()
+            if open_request is None or open_request.approval_id != event.approval_id:
+                return f"approval {event.approval_id} is not open on this thread"
+            record = await approvals.get(self.deps.redis, self.keys, event.approval_id)
+            state = "approved" if event.approved else "rejected"
+            if record.state != state or record.by != event.by:
+                return f"decision does not match the approval record ({record.state} by {record.by or '-'})"
+        return None
+
+    async def apply(self, tx: Tx, agent: Agent | None, event: Event) -> None:
+        """Record ``event`` (if it applies) and run the thread until it waits."""
+        why_not = await self.accept(tx.thread, event)
+        if why_not is None:
+            tx.add(event)
+            self._announce(tx, event)
+        else:
+            log.info("thread %s: ignored %s (%s): %s", tx.thread.id, event.type, event.key, why_not)
+        if agent is not None:
+            await self.advance(tx, agent)
+
+    def _announce(self, tx: Tx, event: Event) -> None:
+        if isinstance(event, ApprovalDecided):
+            verdict = f"Approved by {event.by}" if event.approved else f"Rejected by {event.by}"
+            text = verdict + (f": {event.feedback}" if event.feedback else "")
+            tx.say("approval_update", text, {"id": event.approval_id, "approved": event.approved, "by": event.by,
+                                             "at": event.at, "feedback": event.feedback})  # fmt: skip
+        elif event.type == "thread.cancelled":
+            tx.say("text", f"Cancelled by {event.by or 'an operator'}.")
+
+    async def advance(self, tx: Tx, agent: Agent) -> None:
+        while True:
+            action = next_action(tx.thread, agent)
+            match action:
+                case Wait():
+                    return
+                case RunTool():
+                    await self.run_tool(tx, agent, action)
+                case Prefetch():
+                    await self.prefetch(tx, agent)
+                case Escalate(question=question):
+                    tx.add(HumanAsked(thread_id=tx.thread.id, question=question, escalation=True))
+                    tx.say("question", question)
+                case AskAgent():
+                    await self.ask_agent(tx, agent)
+
+    async def run_tool(self, tx: Tx, agent: Agent, action: RunTool) -> None:
+        """The executor: a gated call runs only on its approved decision, and a completed call never again."""
+        call, thread = action.call, tx.thread
+        if thread.result(call.call_id) is not None:
+            return
+        try:
+            if agent.gated(call.tool) is not None:
+                await approvals.check_approved(self.deps.redis, self.keys, action.approval_id, call.tool, action.args)
+        except ApprovalRequired as refusal:
+            log.warning("thread %s: %s", thread.id, refusal)
+            tx.add(ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=str(refusal)))
+            return
+        tool = agent.tools[call.tool]
+        if thread.started(call.call_id) is None:
+            tx.add(ToolStarted(thread_id=thread.id, call_id=call.call_id, args_hash=args_hash(call.tool, action.args)))
+            await tx.flush()  # recorded before it runs
+        ctx = ToolContext(thread.id, call.call_id, f"{thread.id}:{call.call_id}", thread.origin, self.deps)
+        try:
+            value = await tool.fn(tool.validate(action.args), ctx)
+            result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=True, result=_jsonable(value))
+        except ValidationError as exc:
+            result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=_compact(exc))
+        except Exception as exc:  # a tool's failure is the agent's information, not the runtime's crash
+            log.info("thread %s: tool %s failed: %s", thread.id, call.tool, exc)
+            result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+        tx.add(result)
+
+    async def prefetch(self, tx: Tx, agent: Agent) -> None:
+        for i, pre in enumerate(agent.prefetch):
+            call = ToolCall(thread_id=tx.thread.id, call_id=f"{PREFETCH_PREFIX}{i}", tool=pre.tool, args=pre.args,
+                            reason="pre-fetched before the first model call")  # fmt: skip
+            tx.add(call)
+            await self.run_tool(tx, agent, RunTool(call, pre.args, None))
+
+    async def ask_agent(self, tx: Tx, agent: Agent) -> None:
+        thread = tx.thread
+        try:
+            outcome = await agent.step(list(thread.events))
+        except ModelNotConfigured as exc:
+            tx.add(ThreadFailed(thread_id=thread.id, reason=str(exc)))
+            tx.say("error", str(exc))
+            return
+        step, llm = outcome.step, outcome.llm
+        if isinstance(step, CallTool):
+            step = self._check_call(thread, agent, step)
+        match step:
+            case Malformed(error_kind=kind, message=message):
+                tx.add(Error(thread_id=thread.id, kind=kind, message=message, llm=llm))
+            case SendReply(text=text):
+                tx.add(Reply(thread_id=thread.id, text=text, llm=llm))
+                tx.say("text", text)
+            case AskHuman(question=question):
+                tx.add(HumanAsked(thread_id=thread.id, question=question, llm=llm))
+                tx.say("question", question)
+            case CallTool(tool=name, args=args, reason=reason):
+                call = ToolCall(thread_id=thread.id, call_id=new_id(), tool=name, args=args, reason=reason, llm=llm)
+                tx.add(call)
+                policy = agent.gated(name)
+                if policy is not None:
+                    self._request_approval(tx, call, policy.approvers)
+
+    def _check_call(self, thread: Thread, agent: Agent, step: CallTool) -> CallTool | Malformed:
+        tool = agent.tools.get(step.tool)
+        if tool is None:
+            return Malformed("unknown_tool", f"there is no tool {step.tool!r}; use one of {sorted(agent.tools)}")
+        try:
+            args = tool.validate(step.args).model_dump(mode="json")
+        except ValidationError as exc:
+            return Malformed("invalid_arguments", f"{step.tool}: {_compact(exc)}")
+        if repeated_call(thread.events, step.tool, args):
+            return Malformed("repeated_call", f"{step.tool} already ran with these arguments; its result is above")
+        return CallTool(step.tool, args, step.reason)
+
+    def _request_approval(self, tx: Tx, call: ToolCall, approvers: Sequence[str]) -> None:
+        req = ApprovalRequested(
+            thread_id=tx.thread.id,
+            approval_id=call.call_id,
+            call_id=call.call_id,
+            tool=call.tool,
+            args=call.args,
+            args_hash=args_hash(call.tool, call.args),
+            approvers=list(approvers),
+            reason=call.reason,
+        )
+        tx.add(req, *approvals.request_commands(self.keys, req))
+        shown = yaml.safe_dump(call.args, sort_keys=False, allow_unicode=True).strip()
+        tx.say(
+            "approval_request",
+            f"Approval needed to run {call.tool}:\n{shown}" + (f"\nWhy: {call.reason}" if call.reason else ""),
+            {"id": req.approval_id, "tool": req.tool, "args": req.args, "approvers": req.approvers,
+             "reason": req.reason},
+        )  # fmt: skip
+
+
+def _compact(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}" for e in exc.errors())
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,142 @@
+"""The outbox: what the runtime says to humans, one stream per channel kind, delivered at least once.
+
+A channel adapter is the ``Deliver`` callable: it sends one message and returns a receipt (a Slack ts, a
+Message-ID) which is kept so a later update can find the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import ResponseError
+
+from bot.bus import Command
+from bot.events import ChannelRef
+from bot.keys import Keys
+
+log = logging.getLogger(__name__)
+
+OUTBOX_GROUP = "delivery"
+OUTBOX_MAXLEN = 100_000
+
+
+class Outbound(BaseModel):
+    id: str  # the event it says; a channel can use it to deliver once
+    thread_id: str
+    ref: ChannelRef
+    kind: Literal["text", "question", "approval_request", "approval_update", "error"]
+    text: str
+    approval: dict[str, Any] | None = None
+
+
+class Receipt(BaseModel):
+    channel_id: str  # what the channel calls the message it sent
+
+
+# A channel's delivery: send one message, return its receipt (None: not this consumer's to send; acked).
+Deliver = Callable[[Outbound], Awaitable[Receipt | None]]
+
+
+def outbox_command(keys: Keys, msg: Outbound) -> Command:
+    return (
+        "XADD", keys.outbox(msg.ref.kind), "MAXLEN", "~", OUTBOX_MAXLEN, "*", "m", msg.model_dump_json(),
+    )  # fmt: skip
+
+
+class OutboxConsumer:
+    """Delivers one channel kind's outbox: retries with backoff, keeps receipts, dead-letters what never goes."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        kind: str,
+        deliver: Deliver,
+        *,
+        group: str = OUTBOX_GROUP,
+        consumer: str = "c1",
+        max_attempts: int = 8,
+        base_delay: float = 0.2,
+        start: str = "0",
+        delete_delivered: bool = True,
+    ) -> None:
+        self.redis, self.keys, self.kind, self.deliver = redis, keys, kind, deliver
+        self.group, self.consumer, self.max_attempts, self.base_delay = group, consumer, max_attempts, base_delay
+        self.stream = keys.outbox(kind)
+        self.start = start
+        self.delete_delivered = delete_delivered  # False where other groups read the same stream
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id=self.start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run_once(self, block_ms: int = 1000) -> int:
+        """Deliver what is waiting (entries left by a dead consumer first); returns how many went out."""
+        _, claimed, _ = await self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=30_000, start_id="0-0", count=100
+        )
+        entries = list(claimed)
+        if not entries:
+            got = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=100, block=block_ms
+            )
+            entries = [e for _, batch in got for e in batch]
+        sent = 0
+        for entry_id, fields in entries:
+            if fields is None:  # deleted while pending
+                await self.redis.xack(self.stream, self.group, entry_id)
+                continue
+            sent += await self._deliver_one(entry_id, Outbound.model_validate_json(fields[b"m"]))
+        return sent
+
+    async def _deliver_one(self, entry_id: bytes, msg: Outbound) -> int:
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                receipt = await self.deliver(msg)
+            except Exception as exc:  # a channel failure: retried, then dead-lettered, never dropped
+                if attempt == self.max_attempts:
+                    await self._dead_letter(entry_id, msg, exc)
+                    return 0
+                delay = getattr(exc, "retry_after", None) or self.base_delay * 2 ** (attempt - 1)
+                log.warning("delivery of %s to %s failed (%s); retrying in %.1fs", msg.id, self.kind, exc, delay)
+                await asyncio.sleep(min(float(delay), 60.0))
+                continue
+            pipe = self.redis.pipeline(transaction=True)
+            if receipt is not None:
+                pipe.hset(self.keys.receipts(msg.thread_id), msg.id, receipt.channel_id)
+            pipe.xack(self.stream, self.group, entry_id)
+            if self.delete_delivered:
+                pipe.xdel(self.stream, entry_id)
+            await pipe.execute()
+            return 0 if receipt is None else 1
+        return 0
+
+    async def _dead_letter(self, entry_id: bytes, msg: Outbound, exc: Exception) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            self.keys.dlq,
+            {"stream": self.stream, "field": "m", "payload": msg.model_dump_json(), "error": f"{type(exc).__name__}: {exc}",
+             "thread_id": msg.thread_id},
+        )  # fmt: skip
+        pipe.xack(self.stream, self.group, entry_id)
+        if self.delete_delivered:
+            pipe.xdel(self.stream, entry_id)
+        await pipe.execute()
+        log.error("delivery of %s to %s dead-lettered: %s", msg.id, self.kind, exc)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ensure_group()
+        while not stop.is_set():
+            await self.run_once(block_ms=200)
+
+    async def close(self) -> None:
+        """Remove this consumer's group (for short-lived consumers such as a chat session)."""
+        await self.redis.xgroup_destroy(self.stream, self.group)

@@ -1,0 +1,47 @@
+"""Secrets and endpoints from the environment, read once into a typed object that fails loudly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None  # None: start the embedded Redis, keeping its data under data_dir
+    config_path: Path
+    data_dir: Path
+    partitions: int = 16  # the inbound stream is split by thread so each thread has one writer
+    lease_ms: int = 5000  # a dead worker's partitions move to another after this long
+    max_deliveries: int = 3  # failed attempts at one inbound entry before it goes to the dead-letter stream
+    namespace: str = "hr"  # prefix of every Redis key
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            redis_url=env.get("REDIS_URL") or None,
+            config_path=Path(env.get("HANDRAIL_CONFIG", "config/handrail.yaml")),
+            data_dir=Path(env.get("HANDRAIL_DATA", ".handrail")),
+            partitions=_int(env, "HANDRAIL_PARTITIONS", 16, 1, 1024),
+            lease_ms=_int(env, "HANDRAIL_LEASE_MS", 5000, 200, 600_000),
+            max_deliveries=_int(env, "HANDRAIL_MAX_DELIVERIES", 3, 1, 100),
+            namespace=env.get("HANDRAIL_NAMESPACE", "hr"),
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError("environment", name, f"expected a whole number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError("environment", name, f"must be between {lo} and {hi}, got {value}")
+    return value

@@ -1,0 +1,64 @@
+"""Tools: async Python functions with a pydantic argument model; the model sees the schema made from it."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, get_type_hints
+
+from pydantic import BaseModel
+
+from bot.events import ChannelRef
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a running tool may use. Pass ``idempotency_key`` downstream so a retried call is not repeated."""
+
+    thread_id: str
+    call_id: str
+    idempotency_key: str
+    ref: ChannelRef | None
+    deps: Any  # the runtime's dependencies (a Redis client at least); see bot.runtime.Deps
+
+
+ToolFn = Callable[[Any, ToolContext], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    args_model: type[BaseModel]
+    fn: ToolFn
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI-style function definition litellm passes to any provider."""
+        params = self.args_model.model_json_schema()
+        params.pop("title", None)
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": params},
+        }
+
+    def validate(self, args: dict[str, Any]) -> BaseModel:
+        """Arguments are validated before anything runs; raises pydantic.ValidationError."""
+        return self.args_model.model_validate(args)
+
+
+def tool(fn: ToolFn | None = None, *, name: str | None = None) -> Any:
+    """Make a Tool from ``async def f(args: SomeModel, ctx: ToolContext)``; its docstring is the description."""
+
+    def wrap(f: ToolFn) -> Tool:
+        if not inspect.iscoroutinefunction(f):
+            raise TypeError(f"tool {f.__name__} must be an async function")
+        params = list(inspect.signature(f).parameters)
+        hints = get_type_hints(f)
+        model = hints.get(params[0]) if params else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"tool {f.__name__}: the first parameter must be annotated with a pydantic model")
+        doc = inspect.getdoc(f) or ""
+        return Tool(name=name or f.__name__, description=doc.strip(), args_model=model, fn=f)
+
+    return wrap(fn) if fn is not None else wrap

@@ -1,0 +1,1 @@
+"""Channel adapters: each turns its medium's input into Events and delivers outbound messages."""
