@@ -270,3 +270,7 @@ async def dlq_retry(deps: Deps, dlq_id: str) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

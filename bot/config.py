@@ -88,7 +88,7 @@ class Config:
         return routes.get(f"{kind}:{address}") or routes.get(kind) or next(iter(self.agents))
 
 
-def load_config(path: str | Path, prompts_dir: str | Path | None = None) -> Config:
+def load_config(path: str | Path, prompts_dir: str | Path = "prompts") -> Config:
     path = Path(path)
     where = str(path)
     try:
@@ -103,7 +103,7 @@ def load_config(path: str | Path, prompts_dir: str | Path | None = None) -> Conf
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top)"
         raise ConfigError(where, key, err["msg"]) from None
-    prompts = Path(prompts_dir) if prompts_dir else path.parent.parent / "prompts"
+    prompts = Path(prompts_dir)
     agents = {name: _build_agent(where, name, a, prompts) for name, a in spec.agents.items()}
     for kind, target in spec.routes.items():
         if target not in agents:

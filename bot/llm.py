@@ -49,7 +49,8 @@ _BUILTIN_TOOLS: list[dict[str, Any]] = [
 ]
 
 
-def _litellm() -> Any:
+def load_litellm() -> Any:
+    """Import litellm with its bundled price list (no network at import)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
@@ -100,7 +101,7 @@ class LLMStep:
             )
 
     async def __call__(self, events: Sequence[Event]) -> StepOutcome:
-        litellm = _litellm()
+        litellm = load_litellm()
         self.check_configured(litellm)
         messages, tools, template_sha = self.request(events)
         resp = await litellm.acompletion(

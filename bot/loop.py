@@ -187,6 +187,7 @@ class Runner:
             log.info("thread %s: tool %s failed: %s", thread.id, call.tool, exc)
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=f"{type(exc).__name__}: {exc}")
         tx.add(result)
+        await tx.flush()  # recorded after it ran: from here on, nothing runs it again
 
     async def prefetch(self, tx: Tx, agent: Agent) -> None:
         for i, pre in enumerate(agent.prefetch):

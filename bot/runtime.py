@@ -34,7 +34,7 @@ class Deps:
 async def open_deps(settings: Settings | None = None, *, with_config: bool = True) -> AsyncIterator[Deps]:
     """Open Redis (embedded if REDIS_URL is unset) and load the config; close in reverse order."""
     settings = settings or Settings.from_env()
-    config = load_config(settings.config_path) if with_config else None
+    config = load_config(settings.config_path, settings.prompts_dir) if with_config else None
     client = connect(redis_url(settings.redis_url, settings.data_dir))
     try:
         keys = Keys(settings.namespace, settings.partitions)

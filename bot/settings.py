@@ -15,6 +15,7 @@ class Settings:
     redis_url: str | None  # None: start the embedded Redis, keeping its data under data_dir
     config_path: Path
     data_dir: Path
+    prompts_dir: Path = Path("prompts")
     partitions: int = 16  # the inbound stream is split by thread so each thread has one writer
     lease_ms: int = 5000  # a dead worker's partitions move to another after this long
     max_deliveries: int = 3  # failed attempts at one inbound entry before it goes to the dead-letter stream
@@ -27,6 +28,7 @@ class Settings:
             redis_url=env.get("REDIS_URL") or None,
             config_path=Path(env.get("HANDRAIL_CONFIG", "config/handrail.yaml")),
             data_dir=Path(env.get("HANDRAIL_DATA", ".handrail")),
+            prompts_dir=Path(env.get("HANDRAIL_PROMPTS", "prompts")),
             partitions=_int(env, "HANDRAIL_PARTITIONS", 16, 1, 1024),
             lease_ms=_int(env, "HANDRAIL_LEASE_MS", 5000, 200, 600_000),
             max_deliveries=_int(env, "HANDRAIL_MAX_DELIVERIES", 3, 1, 100),

@@ -22,6 +22,7 @@ from bot.bus import Command
 from bot.errors import LeaseLost
 from bot.events import Event, now_ms
 from bot.keys import INBOUND_GROUP
+from bot.llm import LLMStep, load_litellm
 from bot.loop import Runner, Tx
 from bot.runtime import Deps
 
@@ -57,6 +58,9 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("worker %s started", self.id)
+        if any(isinstance(a.step, LLMStep) for a in self.deps.agents.agents.values()):
+            # litellm takes seconds to import; doing it on the first model call would stall lease renewals
+            await asyncio.to_thread(load_litellm)
         try:
             while not stop.is_set():
                 await self.rebalance()
