@@ -80,7 +80,7 @@ def next_action(thread: Thread, agent: Agent) -> Action:
         if decision.approved:
             return RunTool(e, decision.args if decision.args is not None else e.args, request.approval_id)
         # a rejected call is settled by its rejection; the agent re-plans with the feedback
-    if agent.prefetch and not any(isinstance(e, ToolCall) and e.call_id.startswith(PREFETCH_PREFIX) for e in events):
+    if agent.prefetch and not any(_prefetched(e) for e in events):
         return Prefetch()
     since = _since_human(events)
     errors = _trailing_errors(since)
@@ -89,10 +89,14 @@ def next_action(thread: Thread, agent: Agent) -> Action:
             f"I could not produce a valid next step {len(errors)} times in a row "
             f"(last error: {errors[-1].message}). How should I proceed?"
         )
-    steps = sum(1 for e in since if e.type in AGENT_STEPS)
+    steps = sum(1 for e in since if e.type in AGENT_STEPS and not _prefetched(e))
     if steps >= agent.max_steps:
         return Escalate(f"I have taken {steps} steps without finishing. Should I go on, and how?")
     return AskAgent()
+
+
+def _prefetched(e: Event) -> bool:
+    return isinstance(e, ToolCall) and e.call_id.startswith(PREFETCH_PREFIX)
 
 
 def _since_human(events: Sequence[Event]) -> Sequence[Event]:

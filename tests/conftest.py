@@ -45,9 +45,22 @@ def _guarded_connect(self: socket.socket, address: object) -> object:
     return _real_connect(self, address)  # type: ignore[arg-type]
 
 
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _guarded_getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host not in (None, "localhost") and not str(host).startswith(("127.", "::1")):
+        raise RuntimeError(f"test tried to resolve {host}; tests must stay on this machine")
+    return _real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection off this machine is an error, not a hang."""
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo)
 
 
 # -- Redis -------------------------------------------------------------------------------------------------------
