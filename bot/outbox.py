@@ -64,12 +64,14 @@ class OutboxConsumer:
         base_delay: float = 0.2,
         start: str = "0",
         delete_delivered: bool = True,
+        claim_idle_ms: int = 30_000,
     ) -> None:
         self.redis, self.keys, self.kind, self.deliver = redis, keys, kind, deliver
         self.group, self.consumer, self.max_attempts, self.base_delay = group, consumer, max_attempts, base_delay
         self.stream = keys.outbox(kind)
         self.start = start
         self.delete_delivered = delete_delivered  # False where other groups read the same stream
+        self.claim_idle_ms = claim_idle_ms  # an entry pending this long belongs to a consumer presumed dead
 
     async def ensure_group(self) -> None:
         try:
@@ -81,7 +83,7 @@ class OutboxConsumer:
     async def run_once(self, block_ms: int = 1000) -> int:
         """Deliver what is waiting (entries left by a dead consumer first); returns how many went out."""
         _, claimed, _ = await self.redis.xautoclaim(
-            self.stream, self.group, self.consumer, min_idle_time=30_000, start_id="0-0", count=100
+            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=100
         )
         entries = list(claimed)
         if not entries:

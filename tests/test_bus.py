@@ -1,0 +1,68 @@
+"""The inbound bus: fenced writes, undecodable entries, and the dead-letter stream."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bot import control, threads
+from bot.errors import LeaseLost
+from bot.events import ChannelRef
+from bot.keys import INBOUND_GROUP
+from bot.runtime import Deps
+from bot.threads import Status
+from tests.conftest import status_is, wait_for
+
+ALICE = ChannelRef(kind="terminal", address="t", user="terminal:alice")
+
+
+async def test_a_write_with_a_stale_fencing_token_changes_nothing(deps: Deps) -> None:
+    lease = deps.keys.lease(0)
+    await deps.redis.set(lease, "worker-b:7")
+    with pytest.raises(LeaseLost):
+        await deps.bus.fenced(lease, "worker-a:6", [("SET", f"{deps.keys.ns}:x", "1")])
+    assert await deps.redis.get(f"{deps.keys.ns}:x") is None
+    assert await deps.bus.fenced(lease, "worker-b:7", [("SET", f"{deps.keys.ns}:x", "1"), ("GET", f"{deps.keys.ns}:x")]) == [b"OK", b"1"]
+
+
+async def test_an_undecodable_entry_is_dead_lettered_and_the_partition_goes_on(deps: Deps, start_worker: Any) -> None:
+    accepted_first = await control.launch(deps, "refund-desk", "hello", ALICE)
+    stream = deps.keys.inbound_for(accepted_first.thread_id)
+    await deps.redis.xadd(stream, {"e": b"\x00garbage"})
+    accepted = await control.launch(deps, "refund-desk", "refund A100", ALICE, thread_id=accepted_first.thread_id + "x")
+    await start_worker()
+    await wait_for(deps, accepted.thread_id, status_is(Status.WAITING_APPROVAL))
+    await wait_for(deps, accepted_first.thread_id, status_is(Status.DONE))
+    letters = await deps.bus.dead_letters()
+    assert [f["error"] for _, f in letters if f["stream"] == stream] == ["undecodable entry: unknown event encoding b'\\x00'"]
+
+
+async def test_an_event_that_keeps_failing_goes_to_the_dead_letter_stream_and_can_be_retried(
+    deps: Deps, start_worker: Any
+) -> None:
+    from tests import slow_agent
+
+    slow_agent.FAIL["on"] = True
+    try:
+        await start_worker()
+        accepted = await control.launch(deps, "flaky", "hi", ALICE)
+        for _ in range(200):
+            letters = await deps.bus.dead_letters()
+            if letters:
+                break
+            await asyncio.sleep(0.05)
+        [(dlq_id, fields)] = letters
+        assert fields["error"] == "RuntimeError: the flaky agent is failing on purpose"
+        # the launch went through; the message that failed three times is parked, not lost, not retried forever
+        thread = await threads.load(deps.redis, deps.keys, accepted.thread_id)
+        assert [e.type for e in thread.events] == ["thread.launched"]
+        pending = await deps.redis.xpending(deps.keys.inbound_for(accepted.thread_id), INBOUND_GROUP)
+        assert pending["pending"] == 0
+    finally:
+        slow_agent.FAIL["on"] = False
+    await deps.bus.retry_dead_letter(dlq_id)
+    thread = await wait_for(deps, accepted.thread_id, status_is(Status.DONE))
+    assert thread.events[-1].text == "fine now"  # type: ignore[union-attr]
+    assert await deps.bus.dead_letters() == []
