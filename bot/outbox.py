@@ -87,9 +87,7 @@ class OutboxConsumer:
         )
         entries = list(claimed)
         if not entries:
-            got = await self.redis.xreadgroup(
-                self.group, self.consumer, {self.stream: ">"}, count=100, block=block_ms
-            )
+            got = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=100, block=block_ms)
             entries = [e for _, batch in got for e in batch]
         sent = 0
         for entry_id, fields in entries:
@@ -123,11 +121,9 @@ class OutboxConsumer:
 
     async def _dead_letter(self, entry_id: bytes, msg: Outbound, exc: Exception) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(
-            self.keys.dlq,
-            {"stream": self.stream, "field": "m", "payload": msg.model_dump_json(), "error": f"{type(exc).__name__}: {exc}",
-             "thread_id": msg.thread_id},
-        )  # fmt: skip
+        error = f"{type(exc).__name__}: {exc}"
+        fields = {"stream": self.stream, "field": "m", "payload": msg.model_dump_json(), "error": error}
+        pipe.xadd(self.keys.dlq, {**fields, "thread_id": msg.thread_id})
         pipe.xack(self.stream, self.group, entry_id)
         if self.delete_delivered:
             pipe.xdel(self.stream, entry_id)

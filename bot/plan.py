@@ -121,9 +121,7 @@ def repeated_call(events: Sequence[Event], tool: str, args: dict[str, Any]) -> b
     wanted = args_hash(tool, args)
     since = _since_human(events)
     ran = {e.call_id for e in since if isinstance(e, ToolResult)}
-    return any(
-        isinstance(e, ToolCall) and e.call_id in ran and args_hash(e.tool, e.args) == wanted for e in since
-    )
+    return any(isinstance(e, ToolCall) and e.call_id in ran and args_hash(e.tool, e.args) == wanted for e in since)
 
 
 def turn_ended(event: Event) -> bool:

@@ -29,8 +29,10 @@ def summary(e: Event) -> str:
             return f"approval requested for {e.tool} [{e.approval_id}] from {', '.join(e.approvers)}"
         case "approval.decided":
             verdict = "approved" if e.approved else "rejected"
-            return f"{verdict} by {e.by}" + (f": {e.feedback}" if e.feedback else "") + (
-                f" with edited args {json.dumps(e.args, sort_keys=True)}" if e.args is not None else ""
+            return (
+                f"{verdict} by {e.by}"
+                + (f": {e.feedback}" if e.feedback else "")
+                + (f" with edited args {json.dumps(e.args, sort_keys=True)}" if e.args is not None else "")
             )
         case "reply":
             return f"reply: {e.text}"

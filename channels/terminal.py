@@ -140,7 +140,7 @@ class TerminalChat:
             except yaml.YAMLError:
                 args = None
             if not isinstance(args, dict):
-                self.say("edited arguments must be a JSON object, e.g. /approve {\"amount_cents\": 500}")
+                self.say('edited arguments must be a JSON object, e.g. /approve {"amount_cents": 500}')
                 return
         try:
             outcome = await control.decide(

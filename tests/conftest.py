@@ -161,7 +161,9 @@ async def wait_for(
             return thread
         await asyncio.sleep(0.02)
     timeline = "\n".join(f"  {e.type}: {e.model_dump(exclude={'thread_id'})}" for e in thread.events)
-    raise AssertionError(f"thread {thread_id} never got there; status {thread.status if thread.events else '-'}:\n{timeline}")
+    raise AssertionError(
+        f"thread {thread_id} never got there; status {thread.status if thread.events else '-'}:\n{timeline}"
+    )
 
 
 def status_is(*statuses: Status) -> Callable[[Thread], bool]:

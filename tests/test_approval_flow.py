@@ -40,7 +40,11 @@ async def test_approved_call_runs_once_and_the_agent_replies(deps: Deps, start_w
     tid, approval_id = await pending_refund(deps)
     assert await ledger(deps) == {}, "nothing runs before the approval"
     record = await approvals.get(deps.redis, deps.keys, approval_id)
-    assert (record.tool, record.args, record.state) == ("issue_refund", {"order_id": "A100", "amount_cents": 2500}, "pending")
+    assert (record.tool, record.args, record.state) == (
+        "issue_refund",
+        {"order_id": "A100", "amount_cents": 2500},
+        "pending",
+    )
 
     outcome = await control.decide(deps, approval_id, by="terminal:alice", approved=True)
     assert outcome.result == "ok"
@@ -201,4 +205,6 @@ async def test_threads_proceed_in_parallel_on_two_workers(deps: Deps, start_work
     for a in launched:
         await wait_for(deps, a.thread_id, status_is(Status.WAITING_APPROVAL))
     assert first.processed > 0 and second.processed > 0
-    assert any(isinstance(e, ToolCall) for e in (await threads.load(deps.redis, deps.keys, launched[0].thread_id)).events)
+    assert any(
+        isinstance(e, ToolCall) for e in (await threads.load(deps.redis, deps.keys, launched[0].thread_id)).events
+    )

@@ -24,7 +24,9 @@ async def test_a_write_with_a_stale_fencing_token_changes_nothing(deps: Deps) ->
     with pytest.raises(LeaseLost):
         await deps.bus.fenced(lease, "worker-a:6", [("SET", f"{deps.keys.ns}:x", "1")])
     assert await deps.redis.get(f"{deps.keys.ns}:x") is None
-    assert await deps.bus.fenced(lease, "worker-b:7", [("SET", f"{deps.keys.ns}:x", "1"), ("GET", f"{deps.keys.ns}:x")]) == [b"OK", b"1"]
+    assert await deps.bus.fenced(
+        lease, "worker-b:7", [("SET", f"{deps.keys.ns}:x", "1"), ("GET", f"{deps.keys.ns}:x")]
+    ) == [b"OK", b"1"]
 
 
 async def test_an_undecodable_entry_is_dead_lettered_and_the_partition_goes_on(deps: Deps, start_worker: Any) -> None:
@@ -36,7 +38,9 @@ async def test_an_undecodable_entry_is_dead_lettered_and_the_partition_goes_on(d
     await wait_for(deps, accepted.thread_id, status_is(Status.WAITING_APPROVAL))
     await wait_for(deps, accepted_first.thread_id, status_is(Status.DONE))
     letters = await deps.bus.dead_letters()
-    assert [f["error"] for _, f in letters if f["stream"] == stream] == ["undecodable entry: unknown event encoding b'\\x00'"]
+    assert [f["error"] for _, f in letters if f["stream"] == stream] == [
+        "undecodable entry: unknown event encoding b'\\x00'"
+    ]
 
 
 async def test_an_event_that_keeps_failing_goes_to_the_dead_letter_stream_and_can_be_retried(

@@ -37,7 +37,8 @@ def test_every_event_round_trips_through_the_compact_encoding() -> None:
         MessageReceived(thread_id="t1", key="m1", text="refund A100 " * 20, user="terminal:alice", ref=REF),
         ToolCall(thread_id="t1", call_id="c1", tool="issue_refund", args={"order_id": "A100", "amount_cents": 5},
                  llm=LLMInfo(model="openai/gpt-4o-mini", raw='{"x":1}', tokens_in=10, tokens_out=2, cost=0.001)),
-        ApprovalDecided(thread_id="t1", key="approval:c1", approval_id="c1", approved=False, by="api:ops", feedback="no"),
+        ApprovalDecided(thread_id="t1", key="approval:c1", approval_id="c1", approved=False, by="api:ops",
+                        feedback="no"),
         Reply(thread_id="t1", text="done"),
     ]  # fmt: skip
     for e in events:
@@ -48,8 +49,13 @@ def test_every_event_round_trips_through_the_compact_encoding() -> None:
 
 
 def test_the_encoding_is_smaller_than_the_json() -> None:
-    e = MessageReceived(thread_id="t1", key="slack:Ev0123456789", text="Please refund order A100, the keyboard "
-                        "arrived broken and the customer wants their money back today.", user="slack:U012", ref=REF)
+    e = MessageReceived(
+        thread_id="t1",
+        key="slack:Ev0123456789",
+        text="Please refund order A100, the keyboard arrived broken and the customer wants their money back today.",
+        user="slack:U012",
+        ref=REF,
+    )
     assert len(codec.encode(e)) < 0.8 * len(e.model_dump_json())
 
 

@@ -49,7 +49,10 @@ async def test_llm_agent_asks_approval_runs_the_approved_call_and_replies(
     assert refund_schema["parameters"]["required"] == ["order_id", "amount_cents"]
     # the pre-fetch tool ran before the first model call, and its result is in the first prompt
     assert "<tool_result>\nid: prefetch-0\nresult: Refunds up to the order total" in user_prompt(first)
-    assert "<message_received>\nfrom: terminal:alice\ntext: please refund $50 of order A102\n</message_received>" in user_prompt(first)
+    assert (
+        "<message_received>\nfrom: terminal:alice\ntext: please refund $50 of order A102\n</message_received>"
+        in user_prompt(first)
+    )
     assert "decision: approved\nby: terminal:alice" in user_prompt(model.requests[2])
 
     steps = [e for e in thread.events if getattr(e, "llm", None) is not None]
@@ -63,7 +66,8 @@ async def test_llm_agent_asks_approval_runs_the_approved_call_and_replies(
         if getattr(e, "llm", None) is not None:
             sent = control.prompt_of(deps, thread, i)
             assert sent is not None and sent.verified
-    assert [sent.messages for sent in [control.prompt_of(deps, thread, thread.events.index(steps[0]))]][0] == first["messages"]  # type: ignore[union-attr]
+    first_sent = control.prompt_of(deps, thread, thread.events.index(steps[0]))
+    assert first_sent is not None and first_sent.messages == first["messages"]
 
 
 async def test_rejection_feedback_goes_into_the_context_and_the_model_replans(
@@ -80,7 +84,9 @@ async def test_rejection_feedback_goes_into_the_context_and_the_model_replans(
     first = thread.open_approval()
     assert first is not None
     await control.decide(deps, first.approval_id, by="terminal:alice", approved=False, feedback="refund half only")
-    thread = await wait_for(deps, accepted.thread_id, lambda t: (r := t.open_approval()) is not None and r.approval_id != first.approval_id)
+    thread = await wait_for(
+        deps, accepted.thread_id, lambda t: (r := t.open_approval()) is not None and r.approval_id != first.approval_id
+    )
     assert "decision: rejected\nby: terminal:alice\nfeedback: refund half only" in user_prompt(model.requests[1])
     second = thread.open_approval()
     assert second is not None and second.args["amount_cents"] == 6450
@@ -118,7 +124,9 @@ async def test_three_malformed_answers_escalate_to_a_human(deps: Deps, start_wor
     assert "<error>" not in user_prompt(model.requests[3])
 
 
-async def test_a_repeated_identical_call_is_an_error_not_a_loop(deps: Deps, start_worker: Any, model: ScriptedModel) -> None:
+async def test_a_repeated_identical_call_is_an_error_not_a_loop(
+    deps: Deps, start_worker: Any, model: ScriptedModel
+) -> None:
     model.add(*[call("lookup_order", {"order_id": "A100"})] * 4)
     await start_worker()
     accepted = await control.launch(deps, "support", "tell me about A100", ALICE)

@@ -15,7 +15,9 @@ class Flaky(Exception):
 
 
 def message(n: int) -> Outbound:
-    return Outbound(id=f"e{n}", thread_id="t1", ref=ChannelRef(kind="fake", address="room"), kind="text", text=f"hello {n}")
+    return Outbound(
+        id=f"e{n}", thread_id="t1", ref=ChannelRef(kind="fake", address="room"), kind="text", text=f"hello {n}"
+    )
 
 
 async def put(deps: Deps, keys: Keys, *msgs: Outbound) -> None:

@@ -24,7 +24,9 @@ def spawn_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([python(), "-m", "bot.cli", "worker"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
 
 
-async def test_worker_killed_while_a_tool_runs(deps: Deps, env_for: Callable[..., dict[str, str]], start_worker: Any) -> None:
+async def test_worker_killed_while_a_tool_runs(
+    deps: Deps, env_for: Callable[..., dict[str, str]], start_worker: Any
+) -> None:
     victim = spawn_worker(env_for(SLOW_TOOL_SECONDS="30"))
     try:
         accepted = await control.launch(deps, "slow-desk", "refund A100", ALICE)
@@ -83,7 +85,7 @@ async def test_worker_killed_after_a_tool_completed_does_not_run_it_again(
     await start_worker()
     thread = await wait_for(deps, accepted.thread_id, status_is(Status.DONE), timeout=20)
     results = [e for e in thread.events if isinstance(e, ToolResult)]
-    assert [r.call_id for r in results][0] == "prefetch-0"
+    assert results[0].call_id == "prefetch-0"
     assert len(results) == 2, "the completed lookup was not run again"
     assert thread.events[-1].text == "A101 is a USB-C cable for $19.00."  # type: ignore[union-attr]
     loaded = await threads.load(deps.redis, deps.keys, accepted.thread_id)
