@@ -35,7 +35,7 @@ redis.call('XADD', KEYS[4], '*', 'e', ARGV[4])
 return {'ok', state, ARGV[1], ARGV[3]}
 """
 
-State = Literal["pending", "approved", "rejected"]
+State = Literal["pending", "approved", "rejected", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class Outcome:
         if self.result == "ok":
             return f"{self.state} by {self.by}"
         if self.result == "decided":
-            return f"already {self.state} by {self.by} at {_clock(self.at)}"
+            by = f" by {self.by}" if self.by else ""
+            return f"already {self.state}{by} at {_clock(self.at)}"
         if self.result == "forbidden":
             return "you are not allowed to decide this approval"
         return "no such approval"
@@ -93,6 +94,14 @@ def request_commands(keys: Keys, req: ApprovalRequested) -> list[Command]:
         ),
         ("ZADD", keys.pending_approvals, req.at, req.approval_id),
     ]  # fmt: skip
+
+
+def close_commands(keys: Keys, approval_id: str, state: str) -> list[Command]:
+    """Close a pending approval without a decision (its thread was cancelled)."""
+    return [
+        ("HSET", keys.approval(approval_id), "state", state, "at", now_ms()),
+        ("ZREM", keys.pending_approvals, approval_id),
+    ]
 
 
 def _record(approval_id: str, raw: dict[bytes, bytes]) -> ApprovalRecord:
@@ -171,7 +180,7 @@ async def decide(
     )  # fmt: skip
     kind = res[0].decode()
     if kind in ("ok", "decided"):
-        return Outcome(kind, res[1].decode(), res[2].decode(), int(res[3] or 0))
+        return Outcome(kind, res[1].decode(), (res[2] or b"").decode(), int(res[3] or 0))
     return Outcome(kind)
 
 

@@ -129,7 +129,12 @@ class Runner:
         """Record ``event`` (if it applies) and run the thread until it waits."""
         why_not = await self.accept(tx.thread, event)
         if why_not is None:
-            tx.add(event)
+            open_request = tx.thread.open_approval()
+            if event.type == "thread.cancelled" and open_request is not None:
+                # the open approval can no longer be decided; late clickers are told it was cancelled
+                tx.add(event, *approvals.close_commands(self.keys, open_request.approval_id, "cancelled"))
+            else:
+                tx.add(event)
             self._announce(tx, event)
         else:
             log.info("thread %s: ignored %s (%s): %s", tx.thread.id, event.type, event.key, why_not)

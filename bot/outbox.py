@@ -82,10 +82,10 @@ class OutboxConsumer:
 
     async def run_once(self, block_ms: int = 1000) -> int:
         """Deliver what is waiting (entries left by a dead consumer first); returns how many went out."""
-        _, claimed, _ = await self.redis.xautoclaim(
+        claimed = await self.redis.xautoclaim(
             self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=100
         )
-        entries = list(claimed)
+        entries = list(claimed[1])  # Redis 7 adds a third element (deleted ids); 6.2 does not
         if not entries:
             got = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=100, block=block_ms)
             entries = [e for _, batch in got for e in batch]

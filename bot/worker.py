@@ -17,6 +17,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from bot import codec, threads
 from bot.bus import Command
 from bot.errors import LeaseLost
@@ -63,7 +65,10 @@ class Worker:
             await asyncio.to_thread(load_litellm)
         try:
             while not stop.is_set():
-                await self.rebalance()
+                try:
+                    await self.rebalance()
+                except (RedisError, OSError) as exc:  # Redis restarting or unreachable: keep trying
+                    log.warning("worker %s: cannot reach Redis (%s); retrying", self.id, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.lease_ms / 3000)
         finally:
@@ -82,8 +87,8 @@ class Worker:
                 log.warning("worker %s lost partition %d", self.id, p)
                 self._drop(p)
         for p, task in list(self.tasks.items()):
-            if task.done():
-                self._drop(p)
+            if task.done():  # stopped on an error: let the partition go, to us or another worker
+                await self._give_up(p)
         share = math.ceil(self.keys.partitions / max(int(live), 1))
         for p in list(self.owned)[share:]:
             await self._give_up(p)
@@ -128,7 +133,8 @@ class Worker:
             # Entries a dead owner left pending become ours; reading history ("0") replays them in order.
             cursor = "0-0"
             while True:
-                cursor, _, _ = await self.redis.xautoclaim(stream, INBOUND_GROUP, self.id, 0, cursor, count=500)
+                # Redis 7 answers [cursor, entries, deleted], Redis 6.2 (the embedded one) [cursor, entries]
+                cursor = (await self.redis.xautoclaim(stream, INBOUND_GROUP, self.id, 0, cursor, count=500))[0]
                 if cursor in (b"0-0", "0-0"):
                     break
             backlog = True

@@ -186,7 +186,12 @@ async def test_pause_holds_a_decision_until_resume_and_cancel_stops_for_good(dep
     await control.send(deps, tid, "refund A102", ALICE)
     await wait_for(deps, tid, status_is(Status.WAITING_APPROVAL))
     await control.cancel(deps, tid, "terminal:alice", reason="wrong customer")
-    await wait_for(deps, tid, status_is(Status.CANCELLED))
+    thread = await wait_for(deps, tid, status_is(Status.CANCELLED))
+    late = thread.open_approval()
+    assert late is not None
+    outcome = await control.decide(deps, late.approval_id, by="terminal:alice", approved=True)
+    assert outcome.result == "decided" and outcome.message.startswith("already cancelled at ")
+    assert await approvals.pending(deps.redis, deps.keys) == []
     await control.send(deps, tid, "refund A101", ALICE)
     await asyncio.sleep(0.3)
     thread = await threads.load(deps.redis, deps.keys, tid)
