@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from bot import codec
-from bot.errors import LeaseLost, NotFound
+from bot.errors import LeaseLost, LogConflict, NotFound
 from bot.events import Event
 from bot.keys import INBOUND_GROUP, Keys
 
@@ -24,11 +24,19 @@ end
 return false
 """
 
-# Run a batch of commands only while the caller still holds its partition lease (the fencing check).
-# ARGV: token, then for each command its argument count followed by its arguments.
+# Run a batch of commands only while the caller still holds its partition lease (the fencing check) and,
+# when KEYS[2] names a thread log, only if that log still ends where the caller last saw it: a commit that
+# Redis applied but whose reply was lost cannot be applied twice by the client's retry.
+# ARGV: token, expected last log id, then for each command its argument count followed by its arguments.
 _FENCED = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('LEASELOST') end
-local i, out = 2, {}
+if KEYS[2] ~= '' then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  local id = '0-0'
+  if #last > 0 then id = last[1][1] end
+  if id ~= ARGV[2] then return redis.error_reply('CONFLICT log ends at ' .. id .. ', not ' .. ARGV[2]) end
+end
+local i, out = 3, {}
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   out[#out + 1] = redis.call(unpack(ARGV, i + 1, i + n))
@@ -70,17 +78,22 @@ class Bus:
         )
         return entry.decode() if entry else None
 
-    async def fenced(self, lease_key: str, token: str, commands: Sequence[Command]) -> list[Any]:
-        """Apply ``commands`` atomically if ``token`` still holds ``lease_key``; else raise LeaseLost."""
-        args: list[Any] = [token]
+    async def fenced(
+        self, lease_key: str, token: str, commands: Sequence[Command], *, log: str = "", last_id: str = "0-0"
+    ) -> list[Any]:
+        """Apply ``commands`` atomically if ``token`` still holds ``lease_key`` (else LeaseLost) and ``log``,
+        if given, still ends at ``last_id`` (else LogConflict)."""
+        args: list[Any] = [token, last_id]
         for cmd in commands:
             args.append(len(cmd))
             args.extend(cmd)
         try:
-            result: list[Any] = await self._fenced(keys=[lease_key], args=args)
+            result: list[Any] = await self._fenced(keys=[lease_key, log], args=args)
         except ResponseError as exc:
             if "LEASELOST" in str(exc):
                 raise LeaseLost(lease_key) from None
+            if "CONFLICT" in str(exc):
+                raise LogConflict(str(exc)) from None
             raise
         return result
 

@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -36,5 +40,14 @@ def redis_url(configured: str | None, data_dir: Path) -> str:
 
 
 def connect(url: str) -> aioredis.Redis:
-    """A client; it opens connections lazily, so creating one does no I/O."""
-    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+    """A client; it opens connections lazily, so creating one does no I/O.
+
+    Commands are retried across a dropped connection (a Redis restart) for a few seconds before failing.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=8),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )

@@ -27,6 +27,10 @@ class LeaseLost(Exception):
     """Signal: another worker now owns this partition; stop writing to it (the fencing token moved on)."""
 
 
+class LogConflict(Exception):
+    """Signal: the thread's log changed since it was read (a retried commit had already been applied)."""
+
+
 class ApprovalRequired(Exception):
     """Signal: a gated tool call has no matching approved decision; the executor refuses to run it."""
 

@@ -51,7 +51,8 @@ from bot.tools import ToolContext
 
 log = logging.getLogger(__name__)
 
-Commit = Callable[[Sequence[Command]], Awaitable[list[Any]]]
+# Apply commands atomically, provided the thread's log (the first argument) still ends at the given id.
+Commit = Callable[[str, str, Sequence[Command]], Awaitable[list[Any]]]
 
 
 @dataclass
@@ -93,7 +94,9 @@ class Tx:
         if self.fresh:
             cmds.append(("ZADD", self.keys.threads, now_ms(), self.thread.id))
         cmds.extend(tail)
-        await self.commit(cmds)
+        results = await self.commit(log_key, self.thread.last_id, cmds)
+        if self.fresh:
+            self.thread.last_id = results[len(self.fresh) - 1].decode()
         self.fresh.clear()
         self.extra.clear()
 

@@ -55,6 +55,7 @@ class Thread:
 
     id: str
     events: list[Event] = field(default_factory=list)
+    last_id: str = "0-0"  # stream id of the log's last entry, so a commit can check nothing came between
 
     @property
     def launched(self) -> ThreadLaunched | None:
@@ -114,7 +115,8 @@ def derive_status(events: Sequence[Event]) -> Status:
 
 async def load(redis: aioredis.Redis, keys: Keys, thread_id: str) -> Thread:
     rows = await redis.xrange(keys.log(thread_id))
-    return Thread(thread_id, [codec.decode(f[b"e"], thread_id) for _, f in rows])
+    last = rows[-1][0].decode() if rows else "0-0"
+    return Thread(thread_id, [codec.decode(f[b"e"], thread_id) for _, f in rows], last)
 
 
 async def get(redis: aioredis.Redis, keys: Keys, thread_id: str) -> Thread:

@@ -156,6 +156,8 @@ class Worker:
             log.warning("worker %s: partition %d was taken over; stopping it", self.id, p)
         except asyncio.CancelledError:
             raise
+        except RedisError as exc:
+            log.warning("worker %s: partition %d stopped: %s", self.id, p, exc)
         except Exception:
             log.exception("worker %s: partition %d stopped", self.id, p)
 
@@ -199,8 +201,8 @@ class Worker:
         if len(cache) > CACHE_THREADS:
             cache.popitem(last=False)
 
-        async def commit(cmds: Sequence[Command]) -> list[Any]:
-            return await self.deps.bus.fenced(self.keys.lease(p), token, cmds)
+        async def commit(log: str, last_id: str, cmds: Sequence[Command]) -> list[Any]:
+            return await self.deps.bus.fenced(self.keys.lease(p), token, cmds, log=log, last_id=last_id)
 
         tx = Tx(thread, self.keys, commit)
         name = event.agent if event.type == "thread.launched" else thread.agent

@@ -150,9 +150,9 @@ async def test_the_executor_refuses_a_gated_call_without_a_matching_approval(dep
     agent = deps.agents.agent("refund-desk")
     committed: list[Any] = []
 
-    async def commit(cmds: Any) -> list[Any]:
+    async def commit(log: str, last_id: str, cmds: Any) -> list[Any]:
         committed.append(cmds)
-        return []
+        return [b"1-0"] * len(cmds)
 
     runner = Runner(deps, deps.keys)
     # no approval at all, the request still pending, and an approved record bound to other arguments

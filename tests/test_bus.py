@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bot import control, threads
-from bot.errors import LeaseLost
+from bot.errors import LeaseLost, LogConflict
 from bot.events import ChannelRef
 from bot.keys import INBOUND_GROUP
 from bot.runtime import Deps
@@ -70,3 +70,15 @@ async def test_an_event_that_keeps_failing_goes_to_the_dead_letter_stream_and_ca
     thread = await wait_for(deps, accepted.thread_id, status_is(Status.DONE))
     assert thread.events[-1].text == "fine now"  # type: ignore[union-attr]
     assert await deps.bus.dead_letters() == []
+
+
+async def test_a_commit_retried_after_it_was_applied_is_refused(deps: Deps) -> None:
+    """The client retries a command whose reply was lost; the log's last id shows it already went through."""
+    lease, log = deps.keys.lease(1), deps.keys.log("t-retry")
+    await deps.redis.set(lease, "w:1")
+    cmds = [("XADD", log, "*", "e", b"j{}")]
+    [first_id] = await deps.bus.fenced(lease, "w:1", cmds, log=log, last_id="0-0")
+    with pytest.raises(LogConflict, match=f"log ends at {first_id.decode()}, not 0-0"):
+        await deps.bus.fenced(lease, "w:1", cmds, log=log, last_id="0-0")
+    assert await deps.redis.xlen(log) == 1
+    assert await deps.bus.fenced(lease, "w:1", cmds, log=log, last_id=first_id.decode())
