@@ -17,11 +17,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot import codec, threads
 from bot.bus import Command
-from bot.errors import LeaseLost
+from bot.errors import LeaseLost, LogConflict
 from bot.events import Event, now_ms
 from bot.keys import INBOUND_GROUP
 from bot.llm import LLMStep, load_litellm
@@ -180,6 +182,12 @@ class Worker:
             return True
         except LeaseLost:
             raise
+        except (RedisConnectionError, RedisTimeoutError):
+            cache.pop(event.thread_id, None)
+            raise  # Redis is away: not this event's fault; the partition stops and is taken up again
+        except LogConflict:
+            cache.pop(event.thread_id, None)  # our view of the log is stale; reload it and go again
+            return False
         except Exception as exc:
             cache.pop(event.thread_id, None)  # what is in memory may include uncommitted events
             attempts = await self.redis.hincrby(f"{self.keys.ns}:attempts", entry_id, 1)
