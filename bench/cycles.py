@@ -29,19 +29,19 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from bot import codec, control
+from bot.bus import Bus
+from bot.config import load_config
 from bot.events import ChannelRef, MessageReceived, ThreadLaunched, new_id
 from bot.keys import Keys
 from bot.outbox import Outbound, OutboxConsumer, Receipt
-from bot.bus import Bus
-from bot.config import load_config
 from bot.runtime import Deps
 from bot.settings import Settings
 
@@ -56,6 +56,9 @@ WAIT_S = 30.0  # longest a driver waits for one outbox message before declaring 
 TARGET_CYCLES_PER_S = 500.0
 TARGET_P50_MS, TARGET_P99_MS = 2.0, 10.0
 TARGET_BYTES_PER_THREAD = 8 * 1024
+
+
+T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -79,8 +82,11 @@ class Options:
     text_bytes: int
     partitions: int
     consumers: int
+    settle: float
     profile: Path | None
+    dump: Path | None
     strict: bool
+    keep_keys: bool
     seed: int
 
 
@@ -97,24 +103,50 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run (a few seconds per phase)")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of: %(default)s")
-    p.add_argument("--concurrency", type=int, default=200, help="threads in flight (throughput, memory build)")
-    p.add_argument("--cycles-per-thread", type=int, default=3,
-                   help="cycles before a thread is retired and a new one launched (throughput, latency)")
+    p.add_argument("--concurrency", type=int, default=200, help="Handrail threads in flight (throughput, memory build)")
+    p.add_argument(
+        "--cycles-per-thread",
+        type=int,
+        default=3,
+        help="cycles before a thread is retired and a new one launched (throughput, latency)",
+    )
     p.add_argument("--warmup", type=float, help="seconds before measuring (default 3, quick 1)")
     p.add_argument("--duration", type=float, help="seconds measured (default 10, quick 3)")
     p.add_argument("--rate", type=float, default=1000.0, help="offered inbound events/s for the latency phase")
     p.add_argument("--threads", type=int, help="paused threads built for the memory phase (default 2000, quick 200)")
-    p.add_argument("--paused-cycles", type=int, default=3,
-                   help="full cycles each memory-phase thread goes through before its final, pending approval")
+    p.add_argument(
+        "--paused-cycles",
+        type=int,
+        default=3,
+        help="full cycles each memory-phase thread goes through before its final, pending approval",
+    )
     p.add_argument("--text-bytes", type=int, default=150, help="size of each customer message")
     p.add_argument("--partitions", type=int, default=16, help="inbound partitions (HANDRAIL_PARTITIONS)")
     p.add_argument("--consumers", type=int, default=4, help="outbox delivery consumers in the memory phase")
-    p.add_argument("--profile", type=Path, metavar="FILE",
-                   help="run the throughput phase's worker under cProfile, dump the stats to FILE and print "
-                        "the top entries (the profiler slows the worker: that phase's figure is then not a result)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        help="before each timed phase, wait up to this many seconds for the machine to go quiet (below 10%% of "
+        "its CPU busy), since other load skews the timings (default 15, quick 0)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="run the throughput phase's worker under cProfile, dump the stats to FILE and print "
+        "the top entries (the profiler slows the worker: that phase's figure is then not a result)",
+    )
+    p.add_argument(
+        "--dump",
+        type=Path,
+        metavar="CSV",
+        help="write the latency phase's per-event times (published, handling began, committed, outbox read; "
+        "seconds since the window opened) to CSV",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    p.add_argument("--seed", type=int, default=1)
-    a = p.parse_args(argv)  # fmt: skip
+    p.add_argument("--keep-keys", action="store_true", help="leave the namespaces' keys in Redis (for debugging)")
+    p.add_argument("--seed", type=int, default=1, help="seed for the generated messages")
+    a = p.parse_args(argv)
     phases = frozenset(x.strip() for x in a.phases.split(",") if x.strip())
     if not phases or not phases <= set(PHASES):
         p.error(f"--phases: choose from {', '.join(PHASES)}")
@@ -133,8 +165,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         text_bytes=a.text_bytes,
         partitions=a.partitions,
         consumers=max(1, a.consumers),
+        settle=a.settle if a.settle is not None else (0.0 if a.quick else 15.0),
         profile=a.profile,
+        dump=a.dump,
         strict=a.strict,
+        keep_keys=a.keep_keys,
         seed=a.seed,
     )
 
@@ -157,15 +192,13 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 class WorkerProcess:
-    """One worker OS process serving one namespace; its log goes to a temporary file kept for inspection.
+    """One worker OS process serving one namespace; its log goes to a temporary file (see Phase).
 
     Plain ``handrail worker`` unless timings or a profile are wanted; then ``python -m bench.worker``, which
     is the same command with the instrument wrapped around it from outside.
     """
 
-    def __init__(
-        self, opts: Options, ns: str, *, timings: Path | None = None, profile: Path | None = None
-    ) -> None:
+    def __init__(self, opts: Options, ns: str, *, timings: Path | None = None, profile: Path | None = None) -> None:
         self.opts, self.ns, self.timings, self.profile = opts, ns, timings, profile
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.gettempdir()) / f"{ns}-worker.log"
@@ -249,28 +282,62 @@ class CpuMeter:
             "worker": cpu_seconds(self.worker_pid),
             "driver": t.user + t.system,
             "redis": cpu_seconds(self.redis_pid) if self.redis_pid else None,
+            "machine": machine_cpu_seconds(),
         }
 
     def begin(self) -> None:
         self.start, self.began = self._now(), time.monotonic()
 
     def end(self) -> str:
-        now, wall = self._now(), time.monotonic() - self.began
-        parts = []
+        now, wall = self._now(), max(time.monotonic() - self.began, 1e-9)
+        used = {}
         for name, t1 in now.items():
             t0 = self.start.get(name)
-            if t0 is not None and t1 is not None and wall > 0:
-                parts.append(f"{name} {100 * (t1 - t0) / wall:.0f}%")
+            if t0 is not None and t1 is not None:
+                used[name] = 100 * (t1 - t0) / wall
+        parts = [f"{name} {pct:.0f}%" for name, pct in used.items() if name != "machine"]
+        if "machine" in used:
+            # what the rest of the machine used meanwhile: other load skews the figures
+            others = used["machine"] - sum(pct for name, pct in used.items() if name != "machine")
+            parts.append(f"other processes {max(others, 0):.0f}% (of {os.cpu_count()} cores)")
         return "CPU (% of one core): " + ", ".join(parts) if parts else ""
+
+
+def machine_cpu_seconds() -> float | None:
+    """CPU time all cores spent busy (not idle or waiting on I/O), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+async def settle(max_wait: float, busy_below: float = 0.10) -> None:
+    """Wait (up to ``max_wait`` s) until the machine has been nearly idle for a second: we share it."""
+    deadline = time.monotonic() + max_wait
+    cores = os.cpu_count() or 1
+    while time.monotonic() < deadline:
+        before = machine_cpu_seconds()
+        await asyncio.sleep(1.0)
+        after = machine_cpu_seconds()
+        if before is None or after is None or (after - before) / cores < busy_below:
+            return
+    if max_wait > 0:
+        say(f"   (the machine stayed busy for {max_wait:g}s; measuring anyway: see 'other processes' below)")
 
 
 async def redis_pid(redis: aioredis.Redis) -> int | None:
     """redis-server's pid, if it is a process on this machine (so /proc can tell its CPU)."""
     pid = int((await redis.info("server")).get("process_id", 0))
+    return pid if _is_redis(pid) else None
+
+
+def _is_redis(pid: int) -> bool:
     try:
-        return pid if "redis" in Path(f"/proc/{pid}/comm").read_text() else None
+        return "redis" in Path(f"/proc/{pid}/comm").read_text()
     except OSError:
-        return None
+        return False
 
 
 # -- driving cycles ---------------------------------------------------------------------------------------------
@@ -296,6 +363,45 @@ async def open_deps(opts: Options, ns: str) -> AsyncIterator[Deps]:
         yield Deps(client, keys, bus, s, load_config(CONFIG))
     finally:
         await client.aclose()
+
+
+class Phase:
+    """One phase's namespace, worker process and driver tasks, torn down in a safe order: driver tasks
+    first, then the worker, then the keys. The worker's log is kept only if it reported problems."""
+
+    def __init__(self, opts: Options, ns: str, deps: Deps, worker: WorkerProcess) -> None:
+        self.opts, self.ns, self.deps, self.worker = opts, ns, deps, worker
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(coro)
+        self.tasks.append(task)
+        return task
+
+    async def start_worker(self) -> None:
+        self.worker.start()
+        await self.worker.ready(self.deps)
+
+
+@contextlib.asynccontextmanager
+async def phase(opts: Options, ns: str, worker: WorkerProcess, *, timed: bool = True) -> AsyncIterator[Phase]:
+    if timed:  # memory does not depend on the machine's load; timings do
+        await settle(opts.settle)
+    try:
+        async with open_deps(opts, ns) as deps:
+            ph = Phase(opts, ns, deps, worker)
+            try:
+                yield ph
+            finally:
+                for t in ph.tasks:
+                    t.cancel()
+                await asyncio.gather(*ph.tasks, return_exceptions=True)
+    finally:
+        worker.stop()
+        if not opts.keep_keys:
+            await drop_namespace(opts.redis_url, ns)
+        if not worker.problems():
+            worker.log_path.unlink(missing_ok=True)
 
 
 _FILLER = (
@@ -449,6 +555,7 @@ class Throughput:
     window: float
     cpu: str
     worker_problems: int
+    worker_log: Path
 
 
 async def throughput(opts: Options, ns: str) -> Throughput:
@@ -456,46 +563,43 @@ async def throughput(opts: Options, ns: str) -> Throughput:
     say(f"[throughput] {opts.concurrency} threads in flight, {opts.cycles_per_thread} cycles per thread, "
         f"{opts.warmup:g}s warm-up + {opts.duration:g}s measured ...")  # fmt: skip
     worker = WorkerProcess(opts, ns, profile=opts.profile)
-    try:
-        async with open_deps(opts, ns) as deps:
-            worker.start()
-            await worker.ready(deps)
-            loop = asyncio.get_running_loop()
-            router, stop = Router(), asyncio.Event()
-            reader = asyncio.create_task(read_outbox(deps.redis, deps.keys.outbox(KIND), router, stop))
-            done_at: list[float] = []
+    async with phase(opts, ns, worker) as ph:
+        await ph.start_worker()
+        deps, loop = ph.deps, asyncio.get_running_loop()
+        router, stop, stop_reader = Router(), asyncio.Event(), asyncio.Event()
+        reader = ph.spawn(read_outbox(deps.redis, deps.keys.outbox(KIND), router, stop_reader))
+        done_at: list[float] = []
 
-            async def conversation(seed: int) -> None:
-                rng = random.Random(seed)
-                while not stop.is_set():
-                    await converse(deps, router, rng, opts, cycles=opts.cycles_per_thread, pause=False,
-                                   on_cycle=lambda: done_at.append(loop.time()), stop=stop)  # fmt: skip
+        async def conversation(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                await converse(deps, router, rng, opts, cycles=opts.cycles_per_thread, pause=False,
+                               on_cycle=lambda: done_at.append(loop.time()), stop=stop)  # fmt: skip
 
-            tasks = [asyncio.create_task(conversation(opts.seed * 100_003 + i)) for i in range(opts.concurrency)]
-            await wait_or_fail([*tasks, reader], opts.warmup)
-            meter = CpuMeter(worker.pid, await redis_pid(deps.redis))
-            meter.begin()
-            t0 = loop.time()
-            await wait_or_fail([*tasks, reader], opts.duration)
-            t1 = loop.time()
-            cpu = meter.end()
-            stop.set()
-            await finish(tasks, WAIT_S)
-            await finish([reader], 5.0)
-    finally:
-        worker.stop()
-        await drop_namespace(opts.redis_url, ns)
+        tasks = [ph.spawn(conversation(opts.seed * 100_003 + i)) for i in range(opts.concurrency)]
+        await wait_or_fail([*tasks, reader], opts.warmup)
+        meter = CpuMeter(worker.pid, await redis_pid(deps.redis))
+        meter.begin()
+        t0 = loop.time()
+        await wait_or_fail([*tasks, reader], opts.duration)
+        t1 = loop.time()
+        cpu = meter.end()
+        stop.set()  # conversations finish the cycle in flight; the reader must outlive them
+        await finish(tasks, WAIT_S)
+        stop_reader.set()
+        await finish([reader], 5.0)
     cycles = sum(1 for t in done_at if t0 <= t < t1)
-    return Throughput(cycles / (t1 - t0), cycles, t1 - t0, cpu, worker.problems())
+    return Throughput(cycles / (t1 - t0), cycles, t1 - t0, cpu, worker.problems(), worker.log_path)
 
 
 def print_profile(path: Path, top: int = 25) -> None:
     import pstats
 
-    say(f"[profile] worker cProfile stats in {path}; top {top} by own time:")
+    say(f"[profile] worker cProfile stats in {path}: top {top} by own time, then Handrail's functions by total")
+    say("          (cProfile counts every resumption of a coroutine as a call: trust the times, not the counts)")
     stats = pstats.Stats(str(path))
     stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(r"/bot/|/bench/", top)
 
 
 # -- 2. latency --------------------------------------------------------------------------------------------------
@@ -509,8 +613,11 @@ class Latency:
     e2e_ms: tuple[float, float, float]  # published -> last commit: p50, p99, max
     service_ms: tuple[float, float, float]  # the worker's own handling: p50, p99, max
     seen_ms: tuple[float, float, float]  # published -> outbox message read by this driver: p50, p99, max
+    full_gcs: int  # generation-2 collections in the worker during the window
+    longest_gc_ms: float
     cpu: str
     worker_problems: int
+    worker_log: Path
 
 
 @dataclass
@@ -525,6 +632,7 @@ class OpenLoop:
     idle: deque[str] = field(default_factory=deque)  # threads that replied and may take another message
     cycles: dict[str, int] = field(default_factory=dict)
     entries_at: list[float] = field(default_factory=list)  # when each inbound entry was published (all types)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever no answer is due
 
     def on_message(self, thread_id: str, kind: str, approval: dict[str, Any] | None, seen_at: float) -> None:
         if kind not in ("approval_request", "text"):
@@ -532,6 +640,8 @@ class OpenLoop:
         key = self.in_flight.pop(thread_id, None)
         if key is not None:
             self.observed[key] = seen_at
+        if not self.in_flight:
+            self.settled.set()
         if kind == "approval_request" and approval:
             self.decidable.append((thread_id, approval["id"]))
         elif kind == "text":
@@ -554,12 +664,11 @@ async def latency(opts: Options, ns: str) -> Latency:
     state = OpenLoop(cycles_per_thread=opts.cycles_per_thread)
     rng = random.Random(opts.seed)
     try:
-        async with open_deps(opts, ns) as deps:
-            worker.start()
-            await worker.ready(deps)
-            loop = asyncio.get_running_loop()
-            router, stop = Router(state.on_message), asyncio.Event()
-            reader = asyncio.create_task(read_outbox(deps.redis, deps.keys.outbox(KIND), router, stop))
+        async with phase(opts, ns, worker) as ph:
+            await ph.start_worker()
+            deps, loop = ph.deps, asyncio.get_running_loop()
+            stop = asyncio.Event()
+            reader = ph.spawn(read_outbox(deps.redis, deps.keys.outbox(KIND), Router(state.on_message), stop))
 
             async def launch() -> None:
                 # control.launch's two publishes, made one by one so each entry has its own publish time
@@ -613,28 +722,28 @@ async def latency(opts: Options, ns: str) -> Latency:
                     coro = send(state.idle.popleft())
                 else:
                     coro, entries = launch(), 2
-                sent.append(asyncio.create_task(coro))
+                sent.append(ph.spawn(coro))
                 state.entries_at.extend([time.time()] * entries)
                 next_at += entries * interval  # the schedule is fixed: a late tick is caught up, not skipped
-                if len(sent) > 4096:
-                    await wait_or_fail([t for t in sent if t.done()], 0)
+                if len(sent) >= 1000:
+                    await wait_or_fail([t for t in sent if t.done()] + [reader], 0)
                     sent = [t for t in sent if not t.done()]
             wall_to = time.time()
             cpu = meter.end() if meter else ""
             await finish(sent, WAIT_S)
-            drain_until = loop.time() + WAIT_S
-            while state.in_flight and loop.time() < drain_until:
-                await asyncio.sleep(0.05)  # let the last answers arrive before the worker stops
+            state.settled.clear()
+            if state.in_flight:  # let the last answers arrive before the worker stops
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.settled.wait(), WAIT_S)
             stop.set()
             await finish([reader], 5.0)
-            worker.stop()
-            samples = json.loads(timings.read_text()) if timings.exists() else []
+            worker.stop()  # it writes its timings as it exits
+            recorded = json.loads(timings.read_text()) if timings.exists() else {}
     finally:
-        worker.stop()
         timings.unlink(missing_ok=True)
-        await drop_namespace(opts.redis_url, ns)
 
-    handled = {key: (began, done) for key, began, done in samples}
+    handled = {key: (began, done) for key, began, done in recorded.get("events", [])}
+    full_gcs = [d for gen, t, d in recorded.get("gc", []) if gen == 2 and wall_from <= t < wall_to]
     window = [
         k for k, t in state.published.items()
         if wall_from <= t < wall_to and k.startswith(("msg:", "approval:"))
@@ -649,13 +758,40 @@ async def latency(opts: Options, ns: str) -> Latency:
             seen.append(1000 * (state.observed[key] - state.published[key]))
     if not e2e:
         raise BenchError(f"no timed events came back from the worker:\n{worker.log_tail()}")
+    if opts.dump:
+        dump_latency(opts.dump, window, state, handled, wall_from)
 
     def stats(xs: list[float]) -> tuple[float, float, float]:
         return (percentile(xs, 50), percentile(xs, 99), max(xs)) if xs else (math.nan,) * 3
 
     offered = sum(1 for t in state.entries_at if wall_from <= t < wall_to) / (wall_to - wall_from)
-    return Latency(offered, len(e2e), len(window) - len(e2e), stats(e2e), stats(service), stats(seen), cpu,
-                   worker.problems())  # fmt: skip
+    return Latency(
+        offered_per_s=offered,
+        events=len(e2e),
+        unmatched=len(window) - len(e2e),
+        e2e_ms=stats(e2e),
+        service_ms=stats(service),
+        seen_ms=stats(seen),
+        full_gcs=len(full_gcs),
+        longest_gc_ms=1000 * max(full_gcs, default=0.0),
+        cpu=cpu,
+        worker_problems=worker.problems(),
+        worker_log=worker.log_path,
+    )
+
+
+def dump_latency(
+    path: Path, keys: list[str], state: OpenLoop, handled: dict[str, tuple[float, float]], origin: float
+) -> None:
+    def rel(t: float | None) -> str:
+        return "" if t is None else f"{t - origin:.6f}"
+
+    with path.open("w") as f:
+        f.write("type,published,began,committed,outbox_read\n")
+        for key in sorted(keys, key=state.published.__getitem__):
+            began, done = handled.get(key, (None, None))
+            kind = key.split(":", 1)[0]
+            f.write(f"{kind},{rel(state.published[key])},{rel(began)},{rel(done)},{rel(state.observed.get(key))}\n")
 
 
 # -- 3. memory ---------------------------------------------------------------------------------------------------
@@ -700,50 +836,44 @@ async def memory(opts: Options, ns: str) -> Memory:
     say(f"[memory] building {n} threads: {opts.paused_cycles} cycles each, then a message left waiting on its "
         f"approval; {opts.text_bytes}-byte messages ...")  # fmt: skip
     worker = WorkerProcess(opts, ns)
-    try:
-        async with open_deps(opts, ns) as deps:
-            router, stop = Router(), asyncio.Event()
+    async with phase(opts, ns, worker, timed=False) as ph:
+        deps, router, stop = ph.deps, Router(), asyncio.Event()
 
-            async def deliver(msg: Outbound) -> Receipt:
-                router.feed(msg.thread_id, msg.kind, msg.approval, time.time())
-                return Receipt(channel_id=f"{KIND}:{msg.thread_id}:{msg.id}")  # what the terminal channel keeps
+        async def deliver(msg: Outbound) -> Receipt:
+            router.feed(msg.thread_id, msg.kind, msg.approval, time.time())
+            return Receipt(channel_id=f"{KIND}:{msg.thread_id}:{msg.id}")  # what the terminal channel keeps
 
-            consumers = [
-                OutboxConsumer(deps.redis, deps.keys, KIND, deliver, consumer=f"c{i}") for i in range(opts.consumers)
-            ]
-            await consumers[0].ensure_group()
-            # Baseline: inbound streams, their groups and the outbox group exist; no worker, no threads yet.
-            before = await quiet_used_memory(deps)
-            worker.start()
-            await worker.ready(deps)
-            pumps = [asyncio.create_task(c.run(stop)) for c in consumers]
-            tids: list[str] = []
-            todo = iter(range(n))
+        consumers = [
+            OutboxConsumer(deps.redis, deps.keys, KIND, deliver, consumer=f"c{i}") for i in range(opts.consumers)
+        ]
+        await consumers[0].ensure_group()
+        # Baseline: the inbound streams, their groups and the outbox group exist; no worker, no threads yet.
+        before = await quiet_used_memory(deps)
+        await ph.start_worker()
+        pumps = [ph.spawn(c.run(stop)) for c in consumers]
+        tids: list[str] = []
+        todo = iter(range(n))  # shared by the builders: each takes the next thread to build
 
-            async def builder(seed: int) -> None:
-                rng = random.Random(seed)
-                for _ in todo:
-                    tids.append(await converse(deps, router, rng, opts, cycles=opts.paused_cycles, pause=True))
+        async def builder(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in todo:
+                tids.append(await converse(deps, router, rng, opts, cycles=opts.paused_cycles, pause=True))
 
-            builders = [asyncio.create_task(builder(opts.seed * 7919 + i)) for i in range(min(opts.concurrency, n))]
-            t0 = time.monotonic()
-            while not all(b.done() for b in builders):
-                await wait_or_fail([*builders, *pumps], 1.0)
-            await finish(builders, 0)
-            built_in = time.monotonic() - t0
-            stop.set()
-            await finish(pumps, 5.0)
-            left = await deps.redis.xlen(deps.keys.outbox(KIND))
-            if left:
-                raise BenchError(f"{left} outbox messages were not delivered")
-            worker.stop()  # its leases and heartbeat go; its connections close
-            after = await quiet_used_memory(deps)
-            say(f"[memory] built in {built_in:.1f}s; measuring ...")
-            result = await measure_threads(deps.redis, deps.keys, tids, (after - before) / n)
-    finally:
-        worker.stop()
-        await drop_namespace(opts.redis_url, ns)
-    return result
+        builders = [ph.spawn(builder(opts.seed * 7919 + i)) for i in range(min(opts.concurrency, n))]
+        t0 = time.monotonic()
+        while not all(b.done() for b in builders):
+            await wait_or_fail([*builders, *pumps], 1.0)
+        await finish(builders, 0)
+        built_in = time.monotonic() - t0
+        stop.set()
+        await finish(pumps, 5.0)
+        left = await deps.redis.xlen(deps.keys.outbox(KIND))
+        if left:
+            raise BenchError(f"{left} outbox messages were not delivered")
+        worker.stop()  # its leases and heartbeat go, and its connections close
+        after = await quiet_used_memory(deps)
+        say(f"[memory] built in {built_in:.1f}s; measuring ...")
+        return await measure_threads(deps.redis, deps.keys, tids, (after - before) / n)
 
 
 async def measure_threads(redis: aioredis.Redis, keys: Keys, tids: list[str], used_delta: float) -> Memory:
@@ -789,9 +919,7 @@ async def measure_threads(redis: aioredis.Redis, keys: Keys, tids: list[str], us
         pipe.memory_usage(k, samples=0)
     seen_sample = [s or 0 for s in await pipe.execute()]
     seen_each = sum(seen_sample) / len(seen_sample) if seen_sample else 0.0
-    indexes = sum(
-        [await redis.memory_usage(k, samples=0) or 0 for k in (keys.threads, keys.pending_approvals)]
-    )
+    indexes = sum([await redis.memory_usage(k, samples=0) or 0 for k in (keys.threads, keys.pending_approvals)])
     n = len(tids)
     return Memory(
         threads=n,
@@ -857,6 +985,8 @@ async def run(opts: Options) -> bool:
             f"worker's own handling, dequeue -> commit: p50 {s50:.2f} ms  p99 {s99:.2f} ms  max {smax:.2f} ms; "
             f"published -> outbox message read by the driver: p50 {o50:.2f} ms  p99 {o99:.2f} ms")  # fmt: skip
         say(f"   {lat.cpu}")
+        say(f"   worker's full (gen-2) garbage collections in the window: {lat.full_gcs}, longest "
+            f"{lat.longest_gc_ms:.1f} ms (the whole event loop stops meanwhile)")  # fmt: skip
     if mem is not None:
         hit_keys = mem.keys_total <= TARGET_BYTES_PER_THREAD
         hit_used = mem.used_delta <= TARGET_BYTES_PER_THREAD
@@ -872,8 +1002,7 @@ async def run(opts: Options) -> bool:
             f"~{kb(mem.seen_bytes)}, thread + pending indexes {kb(mem.indexes_bytes)}")  # fmt: skip
     for name, res in (("throughput", tp), ("latency", lat)):
         if res is not None and res.worker_problems:
-            say(f"   warning: the {name} worker logged {res.worker_problems} warnings/errors (see its log in "
-                f"{tempfile.gettempdir()})")  # fmt: skip
+            say(f"   warning: the {name} worker logged {res.worker_problems} warnings/errors: {res.worker_log}")
     if tp is not None and opts.profile:
         print_profile(opts.profile)
     return ok
