@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +35,8 @@ redis.call('SET', KEYS[3], '1', 'EX', ARGV[5])
 redis.call('XADD', KEYS[4], '*', 'e', ARGV[4])
 return {'ok', state, ARGV[1], ARGV[3]}
 """
+
+_scripts: weakref.WeakKeyDictionary[aioredis.Redis, Any] = weakref.WeakKeyDictionary()
 
 State = Literal["pending", "approved", "rejected", "cancelled"]
 
@@ -104,19 +107,25 @@ def close_commands(keys: Keys, approval_id: str, state: str) -> list[Command]:
     ]
 
 
+def settle_commands(keys: Keys, approval_id: str) -> list[Command]:
+    """Once decided, an approval keeps only what the executor's gate and late deciders are told; the request
+    itself lives on in the thread's log."""
+    return [("HDEL", keys.approval(approval_id), "args", "approvers", "reason", "args_hash", "requested_at")]
+
+
 def _record(approval_id: str, raw: dict[bytes, bytes]) -> ApprovalRecord:
     f = {k.decode(): v.decode() for k, v in raw.items()}
     return ApprovalRecord(
         id=approval_id,
         thread_id=f["thread_id"],
-        call_id=f["call_id"],
+        call_id=f.get("call_id", approval_id),
         tool=f["tool"],
-        args=json.loads(f["args"]),
-        args_hash=f["args_hash"],
-        approvers=tuple(a for a in f["approvers"].split("\n") if a),
+        args=json.loads(f.get("args", "{}")),
+        args_hash=f.get("args_hash", ""),
+        approvers=tuple(a for a in f.get("approvers", "").split("\n") if a),
         reason=f.get("reason", ""),
         state=f["state"],  # type: ignore[arg-type]
-        requested_at=int(f["requested_at"]),
+        requested_at=int(f.get("requested_at") or 0),
         by=f.get("by", ""),
         at=int(f.get("at") or 0),
         approved_hash=f.get("approved_hash", ""),
@@ -167,7 +176,9 @@ async def decide(
         args=args,
         args_hash=args_hash(rec.tool, run_args) if approved else "",
     )
-    script = redis.register_script(_DECIDE)
+    script = _scripts.get(redis)
+    if script is None:
+        script = _scripts[redis] = redis.register_script(_DECIDE)
     res = await script(
         keys=[
             keys.approval(approval_id),
@@ -185,15 +196,26 @@ async def decide(
 
 
 async def check_approved(
-    redis: aioredis.Redis, keys: Keys, approval_id: str | None, tool: str, args: dict[str, Any]
+    redis: aioredis.Redis,
+    keys: Keys,
+    approval_id: str | None,
+    tool: str,
+    args: dict[str, Any],
+    *,
+    record: ApprovalRecord | None = None,
 ) -> ApprovalRecord:
-    """The executor's gate: a recorded, approved decision bound to exactly this tool and these arguments."""
+    """The executor's gate: a recorded, approved decision bound to exactly this tool and these arguments.
+
+    ``record`` is the approval record as read from Redis within this same step, if the caller has it.
+    """
     if approval_id is None:
         raise ApprovalRequired(tool, "?", "no approval was requested for this call")
-    raw = await redis.hgetall(keys.approval(approval_id))
-    if not raw:
-        raise ApprovalRequired(tool, approval_id, "no approval record")
-    rec = _record(approval_id, raw)
+    rec = record
+    if rec is None or rec.id != approval_id:
+        raw = await redis.hgetall(keys.approval(approval_id))
+        if not raw:
+            raise ApprovalRequired(tool, approval_id, "no approval record")
+        rec = _record(approval_id, raw)
     if rec.state != "approved":
         raise ApprovalRequired(tool, rec.call_id, f"approval is {rec.state}")
     if rec.tool != tool or rec.approved_hash != args_hash(tool, args):

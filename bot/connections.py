@@ -39,15 +39,18 @@ def redis_url(configured: str | None, data_dir: Path) -> str:
     return configured or embedded_url(data_dir)
 
 
-def connect(url: str) -> aioredis.Redis:
+def connect(url: str, max_connections: int = 64) -> aioredis.Redis:
     """A client; it opens connections lazily, so creating one does no I/O.
 
     Commands are retried across a dropped connection (a Redis restart) for a few seconds before failing.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,  # past this, callers wait for a free connection instead of failing
+        timeout=30,
         decode_responses=False,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it

@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from bot import approvals, codec
@@ -64,6 +63,7 @@ class Tx:
     commit: Commit
     fresh: list[Event] = field(default_factory=list)
     extra: list[Command] = field(default_factory=list)
+    records: dict[str, approvals.ApprovalRecord] = field(default_factory=dict)  # read this step, for the gate
 
     def add(self, event: Event, *extra: Command) -> None:
         self.thread.events.append(event)
@@ -108,8 +108,9 @@ class Runner:
     deps: Any
     keys: Keys
 
-    async def accept(self, thread: Thread, event: Event) -> str | None:
+    async def accept(self, tx: Tx, event: Event) -> str | None:
         """Whether an inbound event applies to this thread; a reason when it does not (it is then dropped)."""
+        thread = tx.thread
         if event.key and thread.has_key(event.key):
             return "repeat of an event already applied"
         if not thread.events:
@@ -126,16 +127,19 @@ class Runner:
             state = "approved" if event.approved else "rejected"
             if record.state != state or record.by != event.by:
                 return f"decision does not match the approval record ({record.state} by {record.by or '-'})"
+            tx.records[record.id] = record  # the executor's gate reads it next, moments from now
         return None
 
     async def apply(self, tx: Tx, agent: Agent | None, event: Event) -> None:
         """Record ``event`` (if it applies) and run the thread until it waits."""
-        why_not = await self.accept(tx.thread, event)
+        why_not = await self.accept(tx, event)
         if why_not is None:
             open_request = tx.thread.open_approval()
             if event.type == "thread.cancelled" and open_request is not None:
                 # the open approval can no longer be decided; late clickers are told it was cancelled
                 tx.add(event, *approvals.close_commands(self.keys, open_request.approval_id, "cancelled"))
+            elif isinstance(event, ApprovalDecided):
+                tx.add(event, *approvals.settle_commands(self.keys, event.approval_id))
             else:
                 tx.add(event)
             self._announce(tx, event)
@@ -176,7 +180,10 @@ class Runner:
             return
         try:
             if agent.gated(call.tool) is not None:
-                await approvals.check_approved(self.deps.redis, self.keys, action.approval_id, call.tool, action.args)
+                known = tx.records.get(action.approval_id) if action.approval_id else None
+                await approvals.check_approved(
+                    self.deps.redis, self.keys, action.approval_id, call.tool, action.args, record=known
+                )
         except ApprovalRequired as refusal:
             log.warning("thread %s: %s", thread.id, refusal)
             tx.add(ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=str(refusal)))
@@ -257,7 +264,7 @@ class Runner:
             reason=call.reason,
         )
         tx.add(req, *approvals.request_commands(self.keys, req))
-        shown = yaml.safe_dump(call.args, sort_keys=False, allow_unicode=True).strip()
+        shown = "\n".join(f"  {k}: {json.dumps(v, ensure_ascii=False)}" for k, v in call.args.items())
         tx.say(
             "approval_request",
             f"Approval needed to run {call.tool}:\n{shown}" + (f"\nWhy: {call.reason}" if call.reason else ""),

@@ -35,7 +35,8 @@ async def open_deps(settings: Settings | None = None, *, with_config: bool = Tru
     """Open Redis (embedded if REDIS_URL is unset) and load the config; close in reverse order."""
     settings = settings or Settings.from_env()
     config = load_config(settings.config_path, settings.prompts_dir) if with_config else None
-    client = connect(redis_url(settings.redis_url, settings.data_dir))
+    # every owned partition holds a connection in a blocking read; leave room for everything else
+    client = connect(redis_url(settings.redis_url, settings.data_dir), max_connections=settings.partitions + 48)
     try:
         keys = Keys(settings.namespace, settings.partitions)
         bus = Bus(client, keys)

@@ -41,7 +41,9 @@ return token
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
-CACHE_THREADS = 2000  # thread logs kept in memory per partition while its lease is held
+# Thread logs kept in memory per worker, each valid only under the lease it was read with. Small on purpose:
+# every cached event is a few Python objects, and a large cache makes full garbage collections stall the loop.
+CACHE_THREADS = 512
 
 
 class Worker:
@@ -57,6 +59,7 @@ class Worker:
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
         self.processed = 0
+        self.cache: OrderedDict[str, tuple[str, threads.Thread]] = OrderedDict()  # thread id -> (lease, log)
 
     # -- membership ---------------------------------------------------------------------------------------
 
@@ -130,7 +133,6 @@ class Worker:
 
     async def _partition(self, p: int, token: str) -> None:
         stream = self.keys.inbound(p)
-        cache: OrderedDict[str, threads.Thread] = OrderedDict()
         try:
             # Entries a dead owner left pending become ours; reading history ("0") replays them in order.
             cursor = "0-0"
@@ -150,7 +152,7 @@ class Worker:
                     backlog = False
                     continue
                 for entry_id, fields in entries:
-                    ok = await self._handle(p, token, stream, entry_id, fields, cache)
+                    ok = await self._handle(p, token, stream, entry_id, fields)
                     if not ok:
                         backlog = True  # a failed entry stays pending; retry it before anything newer
                         break
@@ -164,9 +166,8 @@ class Worker:
             log.exception("worker %s: partition %d stopped", self.id, p)
 
     async def _handle(
-        self, p: int, token: str, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None,
-        cache: OrderedDict[str, threads.Thread],
-    ) -> bool:  # fmt: skip
+        self, p: int, token: str, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None
+    ) -> bool:
         ack: list[Command] = [("XACK", stream, INBOUND_GROUP, entry_id), ("XDEL", stream, entry_id)]
         try:
             event = codec.decode(fields[b"e"]) if fields else None
@@ -177,19 +178,19 @@ class Worker:
             await self.deps.bus.fenced(self.keys.lease(p), token, ack)
             return True
         try:
-            await self.apply(p, token, event, ack, cache)
+            await self.apply(p, token, event, ack)
             self.processed += 1
             return True
         except LeaseLost:
             raise
         except (RedisConnectionError, RedisTimeoutError):
-            cache.pop(event.thread_id, None)
+            self.cache.pop(event.thread_id, None)
             raise  # Redis is away: not this event's fault; the partition stops and is taken up again
         except LogConflict:
-            cache.pop(event.thread_id, None)  # our view of the log is stale; reload it and go again
+            self.cache.pop(event.thread_id, None)  # our view of the log is stale; reload it and go again
             return False
         except Exception as exc:
-            cache.pop(event.thread_id, None)  # what is in memory may include uncommitted events
+            self.cache.pop(event.thread_id, None)  # what is in memory may include uncommitted events
             attempts = await self.redis.hincrby(f"{self.keys.ns}:attempts", entry_id, 1)
             log.exception("thread %s: event %s failed (attempt %d)", event.thread_id, event.type, attempts)
             if attempts >= self.deps.settings.max_deliveries:
@@ -198,16 +199,16 @@ class Worker:
             await asyncio.sleep(min(0.1 * 2**attempts, 5.0))
             return False
 
-    async def apply(
-        self, p: int, token: str, event: Event, ack: Sequence[Command], cache: OrderedDict[str, threads.Thread]
-    ) -> None:
-        thread = cache.get(event.thread_id)
-        if thread is None:
+    async def apply(self, p: int, token: str, event: Event, ack: Sequence[Command]) -> None:
+        cached = self.cache.get(event.thread_id)
+        if cached is not None and cached[0] == token:
+            thread = cached[1]
+        else:  # never read, evicted, or read under an earlier lease (someone else may have written since)
             thread = await threads.load(self.redis, self.keys, event.thread_id)
-        cache[event.thread_id] = thread
-        cache.move_to_end(event.thread_id)
-        if len(cache) > CACHE_THREADS:
-            cache.popitem(last=False)
+        self.cache[event.thread_id] = (token, thread)
+        self.cache.move_to_end(event.thread_id)
+        if len(self.cache) > CACHE_THREADS:
+            self.cache.popitem(last=False)
 
         async def commit(log: str, last_id: str, cmds: Sequence[Command]) -> list[Any]:
             return await self.deps.bus.fenced(self.keys.lease(p), token, cmds, log=log, last_id=last_id)
