@@ -47,15 +47,15 @@ def install_timing(samples: list[Sample]) -> None:
     handle, apply = Worker._handle, Worker.apply
     seen: dict[tuple[str, bytes], str] = {}  # (stream, entry id) -> event key, while the entry is handled
 
-    async def timed_apply(self: Worker, p: int, token: str, event: Any, ack: Any, cache: Any) -> None:
+    async def timed_apply(self: Worker, p: int, token: str, event: Any, ack: Any, *rest: Any) -> None:
         seen[(ack[0][1], ack[0][3])] = event.key
-        await apply(self, p, token, event, ack, cache)
+        await apply(self, p, token, event, ack, *rest)
 
     async def timed_handle(
-        self: Worker, p: int, token: str, stream: str, entry_id: bytes, fields: Any, cache: Any
+        self: Worker, p: int, token: str, stream: str, entry_id: bytes, fields: Any, *rest: Any
     ) -> bool:
         began = time.time()
-        ok = await handle(self, p, token, stream, entry_id, fields, cache)
+        ok = await handle(self, p, token, stream, entry_id, fields, *rest)
         done = time.time()
         key = seen.pop((stream, entry_id), None)
         if ok and key:

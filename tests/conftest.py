@@ -115,8 +115,8 @@ def env_for(settings: Settings) -> Callable[..., dict[str, str]]:
             HANDRAIL_LEASE_MS=str(settings.lease_ms),
             HANDRAIL_PROMPTS=str(settings.prompts_dir),
             PYTHONPATH=str(ROOT),
-            **extra,
         )
+        env.update(extra)
         return env
 
     return make
