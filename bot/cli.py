@@ -70,34 +70,84 @@ def cli(verbose: bool) -> None:
     )
 
 
-async def _serve(deps: Deps, workers: int) -> None:
-    from bot.worker import Worker
+Runner = Callable[[asyncio.Event], Awaitable[None]]
 
+
+async def _until_stopped(*runners: Runner) -> None:
+    """Run the given processes side by side until SIGINT or SIGTERM, then stop them cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await asyncio.gather(*(Worker(deps).run(stop) for _ in range(workers)))
+    await asyncio.gather(*(run(stop) for run in runners))
+
+
+def _workers(deps: Deps, count: int) -> list[Runner]:
+    from bot.worker import Worker
+
+    return [Worker(deps).run for _ in range(count)]
+
+
+def _web(deps: Deps, host: str, port: int) -> Runner:
+    from bot import web
+
+    return lambda stop: web.serve(deps, stop, host, port)
+
+
+def _scheduler(deps: Deps) -> Runner:
+    from channels import schedules
+
+    return lambda stop: schedules.run_scheduler(deps, stop)
+
+
+def _webhooks(deps: Deps) -> Runner:
+    from channels import webhooks
+
+    return lambda stop: webhooks.deliver_all(deps, stop)
+
+
+host_option = click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+port_option = click.option("--port", default=8000, show_default=True, envvar="PORT", help="Port to listen on.")
 
 
 @cli.command()
 @click.option("--workers", default=1, show_default=True, help="Worker loops in this process.")
+@host_option
+@port_option
 @with_deps()
-async def up(deps: Deps, workers: int) -> None:
+async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     """Run everything in one process (embedded Redis when REDIS_URL is unset)."""
     logging.getLogger("bot").setLevel(logging.INFO)
     where = deps.settings.redis_url or f"embedded Redis (data in {deps.settings.data_dir}/)"
-    click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}.")
+    click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}, API on http://{host}:{port}/api/v1/docs")
     click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
-    await _serve(deps, workers)
+    await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _scheduler(deps), _webhooks(deps))
 
 
 @cli.command()
 @with_deps()
 async def worker(deps: Deps) -> None:
-    """Run one agent worker (start as many as you like against one Redis)."""
+    """Run one agent worker, delivering webhooks too (start as many as you like against one Redis)."""
     logging.getLogger("bot").setLevel(logging.INFO)
-    await _serve(deps, 1)
+    await _until_stopped(*_workers(deps, 1), _webhooks(deps))
+
+
+@cli.command()
+@host_option
+@port_option
+@with_deps()
+async def web(deps: Deps, host: str, port: int) -> None:
+    """Serve the REST API (/api/v1, docs at /api/v1/docs), inbound webhooks (/hooks) and /healthz, /readyz."""
+    logging.getLogger("bot").setLevel(logging.INFO)
+    await _until_stopped(_web(deps, host, port))
+
+
+@cli.command()
+@with_deps()
+async def scheduler(deps: Deps) -> None:
+    """Fire the configured schedules (each scheduled time once, however many schedulers run)."""
+    logging.getLogger("channels").setLevel(logging.INFO)
+    await _until_stopped(_scheduler(deps))
 
 
 @cli.command()

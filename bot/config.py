@@ -6,7 +6,8 @@ import importlib
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -51,9 +52,73 @@ class AgentSpec(_Strict):
         return self
 
 
+SCOPES = ("launch", "read", "decide")
+WEBHOOK_EVENTS = ("approval.requested", "approval.decided", "thread.done", "thread.failed")
+_ENV_NAME = r"^[A-Z][A-Z0-9_]*$"
+
+
+class ApiKeySpec(_Strict):
+    """An API key; the secret itself stays in the environment, under ``key_env``."""
+
+    key_env: str = Field(pattern=_ENV_NAME)
+    scopes: list[Literal["launch", "read", "decide"]] = Field(min_length=1)
+
+
+class WebhookSpec(_Strict):
+    """A subscriber to thread events, sent signed POSTs (see README: verifying webhooks)."""
+
+    url: str = Field(pattern=r"^https?://")
+    secret_env: str = Field(pattern=_ENV_NAME)
+    events: list[Literal["approval.requested", "approval.decided", "thread.done", "thread.failed"]] = Field(
+        min_length=1
+    )
+
+
+class ChannelSpec(_Strict):
+    """Where a thread started by a schedule or a trigger talks to humans."""
+
+    kind: str = "terminal"
+    address: str = ""
+    user: str = ""
+
+
+class TriggerSpec(_Strict):
+    """A signed inbound webhook (POST /hooks/NAME) that launches a thread."""
+
+    agent: str
+    secret_env: str = Field(pattern=_ENV_NAME)
+    thread_key: str = ""  # a JSON pointer into the payload: the same value continues the same thread
+    channel: ChannelSpec = ChannelSpec()
+
+
+class ScheduleSpec(_Strict):
+    cron: str
+    timezone: str = "UTC"
+    agent: str
+    message: str
+    channel: ChannelSpec = ChannelSpec()
+    catch_up: Literal["skip", "run_once"] = "skip"  # what to do about times missed while no scheduler ran
+
+    @model_validator(mode="after")
+    def _valid_times(self) -> ScheduleSpec:
+        from croniter import croniter
+
+        if not croniter.is_valid(self.cron):
+            raise ValueError(f"cron: {self.cron!r} is not a valid cron expression")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone: unknown time zone {self.timezone!r}") from None
+        return self
+
+
 class ConfigSpec(_Strict):
     agents: dict[str, AgentSpec] = Field(min_length=1)
     routes: dict[str, str] = {}  # channel kind (or kind:address) -> agent name
+    api_keys: dict[str, ApiKeySpec] = {}
+    webhooks: dict[str, WebhookSpec] = {}
+    triggers: dict[str, TriggerSpec] = {}
+    schedules: dict[str, ScheduleSpec] = {}
 
 
 _ENV = re.compile(r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}")
@@ -108,6 +173,10 @@ def load_config(path: str | Path, prompts_dir: str | Path = "prompts") -> Config
     for kind, target in spec.routes.items():
         if target not in agents:
             raise ConfigError(where, f"routes.{kind}", f"no agent named {target!r}")
+    for section, entries in (("triggers", spec.triggers), ("schedules", spec.schedules)):
+        for name, entry in entries.items():
+            if entry.agent not in agents:
+                raise ConfigError(where, f"{section}.{name}.agent", f"no agent named {entry.agent!r}")
     return Config(path, spec, agents)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +17,12 @@ from pydantic import ValidationError
 from bot import approvals, codec
 from bot.agent import Agent, AskHuman, CallTool, Malformed, SendReply
 from bot.bus import Command
+from bot.config import WebhookSpec
 from bot.errors import ApprovalRequired, ModelNotConfigured
 from bot.events import (
     ApprovalDecided,
     ApprovalRequested,
+    ChannelRef,
     Error,
     Event,
     HumanAsked,
@@ -34,7 +36,7 @@ from bot.events import (
     now_ms,
 )
 from bot.keys import Keys
-from bot.outbox import Outbound, outbox_command
+from bot.outbox import NOTIFICATIONS, UNDELIVERED, Outbound, outbox_command, webhook_stream
 from bot.plan import (
     PREFETCH_PREFIX,
     AskAgent,
@@ -61,6 +63,7 @@ class Tx:
     thread: Thread
     keys: Keys
     commit: Commit
+    webhooks: Mapping[str, WebhookSpec] = field(default_factory=dict)
     fresh: list[Event] = field(default_factory=list)
     extra: list[Command] = field(default_factory=list)
     records: dict[str, approvals.ApprovalRecord] = field(default_factory=dict)  # read this step, for the gate
@@ -69,11 +72,35 @@ class Tx:
         self.thread.events.append(event)
         self.fresh.append(event)
         self.extra.extend(extra)
+        self._notify(event)
+
+    def _notify(self, event: Event) -> None:
+        """Queue the event for webhook subscribers, in the same commit that records it."""
+        name = NOTIFICATIONS.get(event.type)
+        if name is None:
+            return
+        for sub, spec in self.webhooks.items():
+            if name in spec.events:
+                msg = Outbound(
+                    id=event.id,
+                    thread_id=self.thread.id,
+                    ref=ChannelRef(kind="webhook", address=sub),
+                    kind="event",
+                    event={
+                        "id": event.id,
+                        "type": name,
+                        "thread_id": self.thread.id,
+                        "agent": self.thread.agent,
+                        "at": event.at,
+                        "event": codec.event_to_dict(event, keep_thread=True),
+                    },
+                )
+                self.extra.append(outbox_command(self.keys, msg, webhook_stream(sub)))
 
     def say(self, kind: str, text: str, approval: dict[str, Any] | None = None) -> None:
         """Queue a message to the thread's humans, in the same commit as the event it reports."""
         origin = self.thread.origin
-        if origin is None:
+        if origin is None or origin.kind in UNDELIVERED:
             return
         msg = Outbound(
             id=self.fresh[-1].id if self.fresh else new_id(),

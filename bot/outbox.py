@@ -29,9 +29,10 @@ class Outbound(BaseModel):
     id: str  # the event it says; a channel can use it to deliver once
     thread_id: str
     ref: ChannelRef
-    kind: Literal["text", "question", "approval_request", "approval_update", "error"]
-    text: str
+    kind: Literal["text", "question", "approval_request", "approval_update", "error", "event"]
+    text: str = ""
     approval: dict[str, Any] | None = None
+    event: dict[str, Any] | None = None  # kind "event": a thread event for webhook subscribers
 
 
 class Receipt(BaseModel):
@@ -42,10 +43,29 @@ class Receipt(BaseModel):
 Deliver = Callable[[Outbound], Awaitable[Receipt | None]]
 
 
-def outbox_command(keys: Keys, msg: Outbound) -> Command:
+def outbox_command(keys: Keys, msg: Outbound, stream: str | None = None) -> Command:
+    """Queue ``msg`` on its channel kind's outbox (or on ``stream``, a subscriber's own outbox)."""
     return (
-        "XADD", keys.outbox(msg.ref.kind), "MAXLEN", "~", OUTBOX_MAXLEN, "*", "m", msg.model_dump_json(),
+        "XADD", keys.outbox(stream or msg.ref.kind), "MAXLEN", "~", OUTBOX_MAXLEN, "*", "m", msg.model_dump_json(),
     )  # fmt: skip
+
+
+# Which thread events a webhook subscriber can ask for, by the name it asks with.
+NOTIFICATIONS = {
+    "approval.requested": "approval.requested",
+    "approval.decided": "approval.decided",
+    "reply": "thread.done",
+    "thread.failed": "thread.failed",
+}
+
+
+# Channel kinds no process delivers to: API callers read the thread, or subscribe to webhooks.
+UNDELIVERED = frozenset({"api"})
+
+
+def webhook_stream(name: str) -> str:
+    """Each subscriber has its own outbox, so a failing one delays no one else."""
+    return f"webhook.{name}"
 
 
 class OutboxConsumer:

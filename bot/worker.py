@@ -213,7 +213,7 @@ class Worker:
         async def commit(log: str, last_id: str, cmds: Sequence[Command]) -> list[Any]:
             return await self.deps.bus.fenced(self.keys.lease(p), token, cmds, log=log, last_id=last_id)
 
-        tx = Tx(thread, self.keys, commit)
+        tx = Tx(thread, self.keys, commit, self.deps.agents.spec.webhooks)
         name = event.agent if event.type == "thread.launched" else thread.agent
         agent = self.deps.agents.agents.get(name)
         if agent is None and name:
