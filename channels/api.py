@@ -5,8 +5,6 @@ scopes ``launch``, ``read``, ``decide``; the caller's identity is ``api:<name>``
 ``Idempotency-Key`` header: a repeat within 24 h gets the first answer again and changes nothing.
 """
 
-from __future__ import annotations
-
 import hashlib
 import hmac
 import json
@@ -183,6 +181,7 @@ async def idempotent(
 
 
 def router(deps: Deps) -> APIRouter:
+    # FastAPI reads these annotations at runtime, so this module has no `from __future__ import annotations`.
     needs = _authenticator(load_keys(deps))
     Launcher = Annotated[Principal, needs("launch")]
     Reader = Annotated[Principal, needs("read")]
