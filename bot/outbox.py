@@ -131,7 +131,8 @@ class OutboxConsumer:
                 continue
             pipe = self.redis.pipeline(transaction=True)
             if receipt is not None:
-                pipe.hset(self.keys.receipts(msg.thread_id), msg.id, receipt.channel_id)
+                # keyed by outbox too: the Slack message and a webhook about the same event have one event id
+                pipe.hset(self.keys.receipts(msg.thread_id), f"{self.kind}:{msg.id}", receipt.channel_id)
             pipe.xack(self.stream, self.group, entry_id)
             if self.delete_delivered:
                 pipe.xdel(self.stream, entry_id)

@@ -106,7 +106,7 @@ async def serve(deps: Deps, stop: asyncio.Event, host: str = "127.0.0.1", port: 
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(create_app(deps), host=host, port=port, log_level="warning", lifespan="off"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the CLI owns the signals
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # the CLI owns signals
     task = asyncio.create_task(server.serve(sockets=[sock] if sock else None))
     await stop.wait()
     server.should_exit = True

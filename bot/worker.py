@@ -123,7 +123,7 @@ class Worker:
         tasks, held = list(self.tasks.values()), dict(self.owned)
         for p in held:
             self._drop(p)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stopped(tasks)
         # leases are released only after the tasks stopped, so no one else writes while we still might
         for p, token in held.items():
             await self._release(keys=[self.keys.lease(p)], args=[token])
@@ -233,3 +233,12 @@ class Worker:
             ("HDEL", f"{self.keys.ns}:attempts", entry_id),
         ])  # fmt: skip
         log.error("dead-lettered %s from %s: %s", entry_id.decode(), stream, error)
+
+
+async def _stopped(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for cancelled tasks to end, cancelling again if one swallowed it (redis-py can, mid-reconnect)."""
+    while tasks:
+        _, pending = await asyncio.wait(tasks, timeout=1.0)
+        for task in pending:
+            task.cancel()
+        tasks = list(pending)

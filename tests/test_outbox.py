@@ -39,7 +39,7 @@ async def test_a_failing_delivery_is_retried_then_its_receipt_is_kept(deps: Deps
     await put(deps, deps.keys, message(1))
     assert await consumer.run_once(block_ms=100) == 1
     assert attempts == ["e1", "e1", "e1"]
-    assert await deps.redis.hgetall(deps.keys.receipts("t1")) == {b"e1": b"ts-1"}
+    assert await deps.redis.hgetall(deps.keys.receipts("t1")) == {b"fake:e1": b"ts-1"}
     assert await deps.redis.xlen(deps.keys.outbox("fake")) == 0, "delivered entries are removed"
     assert await consumer.run_once(block_ms=50) == 0, "and not delivered again"
 

@@ -1,0 +1,309 @@
+"""Webhooks: thread events POSTed, signed, to subscribers; and signed inbound triggers that launch threads.
+
+Signing (the same in both directions)
+  Handrail-Timestamp: 1732500000          unix seconds when this attempt was signed
+  Handrail-Signature: v1=<hex>            HMAC-SHA256(secret, b"1732500000." + raw body), lowercase hex
+  Handrail-Event: approval.requested      what happened (outbound)
+  Handrail-Delivery: <event id>           the de-duplication key: retries resend the same id
+
+To verify, take the raw body bytes exactly as received (before any JSON parsing), compute the HMAC over
+``timestamp + "." + body`` with the shared secret and compare it in constant time with the ``v1=`` value (a
+sender rotating secrets may send several, comma-separated: any match passes). Refuse a timestamp more than
+5 minutes from your clock, and de-duplicate on Handrail-Delivery: delivery is at least once. ``verify`` does
+the first two.
+
+Outbound: each subscriber in ``webhooks:`` gets POSTs of the events it asked for, as JSON
+``{"id", "type", "thread_id", "agent", "at", "event": {the full event}}``. A 2xx answer is delivered; anything
+else, a timeout or a refused connection is retried with backoff (Retry-After honoured) and dead-lettered after
+10 attempts (``handrail dlq list``). Each subscriber has its own outbox and its own deliverer, and one process
+at a time delivers to it (a lease), so its events arrive in the order they happened and a dead one delays
+no one else.
+
+Inbound: ``POST /hooks/NAME`` (a trigger in ``triggers:``), signed with the trigger's secret, body a JSON object.
+The thread is ``hook-NAME-VALUE`` where VALUE is the payload's value at the ``thread_key`` JSON pointer (the
+same value continues the same thread); without one, each delivery starts its own thread. Answers: 202
+``{"thread_id", "duplicate"}`` (a repeated Handrail-Delivery, or body when there is none, changes nothing);
+401 bad, missing or stale signature; 400 not a JSON object; 404 no such trigger; 413 over 256 KB;
+503 the trigger's secret is not set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel
+
+from bot import control
+from bot.config import WebhookSpec
+from bot.errors import ConfigError
+from bot.events import ChannelRef
+from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt, webhook_stream
+from bot.runtime import Deps
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 300  # seconds a signature stays valid: bounds how late a captured request can be replayed
+MAX_ATTEMPTS = 10
+BASE_DELAY = 0.5
+TIMEOUT = 10.0
+LEASE_MS = 15_000  # a dead deliverer's subscribers move to another process after this long
+TEXT_CAP = 8 * 1024  # bytes of payload shown to the agent
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # what may go into a thread id as is (else it is hashed)
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+# -- signing -----------------------------------------------------------------------------------------------------
+
+
+class SignatureError(Exception):
+    """A request that does not prove it came from the secret's holder; the message says why."""
+
+
+def sign(secret: bytes, timestamp: int, body: bytes) -> str:
+    """The Handrail-Signature header value for ``body`` sent at ``timestamp``."""
+    return "v1=" + hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def verify(
+    secret: bytes, headers: Mapping[str, str], body: bytes, *, now: float | None = None, tolerance: int = TOLERANCE
+) -> None:
+    """Raise SignatureError unless ``body`` was signed with ``secret`` within ``tolerance`` seconds of ``now``."""
+    h = {k.lower(): v for k, v in headers.items()}
+    stamp, given = h.get("handrail-timestamp", "").strip(), h.get("handrail-signature", "")
+    if not stamp:
+        raise SignatureError("missing Handrail-Timestamp header")
+    if not given:
+        raise SignatureError("missing Handrail-Signature header")
+    if not (stamp.isascii() and stamp.isdigit()):
+        raise SignatureError("Handrail-Timestamp is not unix seconds")
+    age = (time.time() if now is None else now) - int(stamp)
+    if abs(age) > tolerance:
+        raise SignatureError(f"Handrail-Timestamp is {abs(age):.0f} s off this server's clock (limit {tolerance} s)")
+    candidates = [v.strip().encode() for v in given.split(",") if v.strip().startswith("v1=")]
+    if not candidates:
+        raise SignatureError("Handrail-Signature has no v1= value")
+    expected = sign(secret, int(stamp), body).encode()
+    if not any(hmac.compare_digest(expected, c) for c in candidates):
+        raise SignatureError("signature does not match (wrong secret, or the body was changed on the way)")
+
+
+# -- outbound ----------------------------------------------------------------------------------------------------
+
+
+class DeliveryFailed(Exception):
+    """A subscriber did not take an event; OutboxConsumer tries again (after ``retry_after`` when given)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _secret(name: str, var: str) -> bytes:
+    value = os.environ.get(var, "")
+    if not value:
+        raise ConfigError("environment", var, f"not set; webhook subscriber {name!r} signs its requests with it")
+    return value.encode()
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "").strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    with contextlib.suppress(TypeError, ValueError, IndexError):  # or an HTTP date
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    return None
+
+
+def sender(name: str, spec: WebhookSpec, secret: bytes, client: httpx.AsyncClient) -> Deliver:
+    """The Deliver function for one subscriber: one signed POST per attempt."""
+
+    async def deliver(msg: Outbound) -> Receipt | None:
+        if msg.kind != "event" or msg.event is None:
+            return None  # not a webhook message: nothing to send
+        body = json.dumps(msg.event, ensure_ascii=False).encode()  # exactly these bytes are signed and sent
+        stamp = int(time.time())  # signed per attempt, so a late retry is not refused as stale
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "Handrail-Webhooks/1",
+            "Handrail-Event": str(msg.event.get("type", "")),
+            "Handrail-Delivery": msg.id,
+            "Handrail-Timestamp": str(stamp),
+            "Handrail-Signature": sign(secret, stamp, body),
+        }
+        try:
+            response = await client.post(spec.url, content=body, headers=headers)
+        except httpx.TimeoutException:
+            raise DeliveryFailed(f"webhook {name}: no answer within {client.timeout.read} s") from None
+        except httpx.HTTPError as exc:  # refused, reset, unresolvable... (the message never holds the secret)
+            raise DeliveryFailed(f"webhook {name}: {type(exc).__name__}: {exc}") from None
+        if not response.is_success:
+            raise DeliveryFailed(f"webhook {name} answered HTTP {response.status_code}", _retry_after(response))
+        return Receipt(channel_id=f"{name}:{response.status_code}")
+
+    return deliver
+
+
+async def deliver_all(
+    deps: Deps, stop: asyncio.Event, *, max_attempts: int = MAX_ATTEMPTS, base_delay: float = BASE_DELAY,
+    timeout: float = TIMEOUT,
+) -> None:  # fmt: skip
+    """Deliver every subscriber's outbox until ``stop``; each on its own, so none waits on another."""
+    subscribers = deps.agents.spec.webhooks
+    # every secret first: a missing one stops start-up instead of dead-lettering a subscriber's events later
+    secrets = {name: _secret(name, spec.secret_env) for name, spec in subscribers.items()}
+    if not subscribers:
+        await stop.wait()
+        return
+    me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    async with contextlib.AsyncExitStack() as clients:
+        runs = []
+        for name, spec in subscribers.items():
+            client = await clients.enter_async_context(httpx.AsyncClient(timeout=timeout))
+            consumer = OutboxConsumer(
+                deps.redis, deps.keys, webhook_stream(name), sender(name, spec, secrets[name], client),
+                group="webhook", consumer="deliverer", max_attempts=max_attempts, base_delay=base_delay,
+                claim_idle_ms=0,  # only the lease holder reads, so whatever is pending was left by a dead one
+            )  # fmt: skip
+            runs.append(_serve(deps, name, consumer, me, stop))
+        await asyncio.gather(*runs)
+
+
+async def _serve(deps: Deps, name: str, consumer: OutboxConsumer, me: str, stop: asyncio.Event) -> None:
+    """Deliver to one subscriber whenever this process holds its lease; a failure is logged, never spread."""
+    lease = f"{consumer.stream}:lease"
+    while not stop.is_set():
+        try:
+            if await deps.redis.set(lease, me, nx=True, px=LEASE_MS):
+                await _lead(deps, consumer, lease, me, stop)
+        except Exception:
+            log.exception("webhook %s: delivery stopped; trying again", name)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), LEASE_MS / 3000)
+
+
+async def _lead(deps: Deps, consumer: OutboxConsumer, lease: str, me: str, stop: asyncio.Event) -> None:
+    await consumer.ensure_group()
+
+    async def pump() -> None:
+        while True:
+            await consumer.run_once(block_ms=200)
+
+    # stop is watched beside the pump: a delivery waiting out a backoff must not hold up shutdown
+    pumping, stopping = asyncio.create_task(pump()), asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            await asyncio.wait({pumping, stopping}, timeout=LEASE_MS / 3000, return_when=asyncio.FIRST_COMPLETED)
+            if pumping.done():
+                pumping.result()  # its failure, to be logged
+            if not stop.is_set() and not await deps.redis.eval(_RENEW, 1, lease, me, LEASE_MS):
+                log.warning("webhook lease %s moved to another process", lease)
+                return
+    finally:
+        stopping.cancel()
+        while not pumping.done():  # insist: redis-py 8.1 can swallow a cancel that lands while it reconnects
+            pumping.cancel()
+            await asyncio.wait({pumping}, timeout=0.5)
+        await asyncio.gather(pumping, stopping, return_exceptions=True)  # a cut-off delivery stays pending
+        await deps.redis.eval(_RELEASE, 1, lease, me)
+
+
+# -- inbound -----------------------------------------------------------------------------------------------------
+
+
+class HookAccepted(BaseModel):
+    thread_id: str
+    duplicate: bool  # this delivery was accepted before; nothing changed
+
+
+def _pointer(doc: Any, pointer: str) -> str | None:
+    """The scalar at a JSON pointer (RFC 6901, e.g. ``/order/id``) as text; None if absent or not a scalar."""
+    if not pointer:
+        return None
+    for part in pointer.removeprefix("/").split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict) and part in doc:
+            doc = doc[part]
+        elif isinstance(doc, list) and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return None
+    if isinstance(doc, bool) or not isinstance(doc, str | int | float) or doc == "":
+        return None
+    return str(doc)
+
+
+def _digest(text: str | bytes, n: int = 24) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:n]
+
+
+def _message(name: str, payload: dict[str, Any]) -> str:
+    shown = json.dumps(payload, indent=2, ensure_ascii=False).encode()
+    if len(shown) <= TEXT_CAP:
+        return f"Webhook {name}:\n{shown.decode()}"
+    cut = shown[:TEXT_CAP].decode(errors="ignore")
+    return f"Webhook {name}:\n{cut}\n[payload cut: first {TEXT_CAP} of {len(shown)} bytes shown]"
+
+
+def trigger_router(deps: Deps) -> APIRouter:
+    router = APIRouter(tags=["webhooks"])
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"description": "the body is not a JSON object"},
+        401: {"description": "bad, missing or stale signature"},
+        404: {"description": "no such trigger"},
+        503: {"description": "the trigger's secret is not set"},
+    }
+
+    @router.post("/hooks/{name}", status_code=202, response_model=HookAccepted, responses=errors)
+    async def hook(name: str, request: Request) -> HookAccepted:
+        """Launch (or continue) a thread from a signed webhook; see channels/webhooks.py for the signature."""
+        spec = deps.agents.spec.triggers.get(name)
+        if spec is None:
+            raise HTTPException(404, f"no trigger {name!r}")
+        secret = os.environ.get(spec.secret_env, "")
+        if not secret:
+            raise HTTPException(503, f"trigger {name} is not configured: set {spec.secret_env}")
+        body = await request.body()
+        try:
+            verify(secret.encode(), request.headers, body)
+        except SignatureError as exc:
+            raise HTTPException(401, str(exc)) from None
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # ValueError includes bad UTF-8
+            raise HTTPException(400, f"body is not JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise HTTPException(400, f"body must be a JSON object, not {type(payload).__name__}")
+        delivery = request.headers.get("handrail-delivery", "").strip()
+        if not delivery:
+            delivery = "sha256:" + _digest(body, 64)
+        elif not _SAFE_KEY.fullmatch(delivery):
+            delivery = "h:" + _digest(delivery)
+        key = f"hook:{name}:{delivery}"
+        value = _pointer(payload, spec.thread_key)
+        # without a thread key the id still follows from the delivery, so a repeat lands on the same thread
+        suffix = (value if _SAFE_KEY.fullmatch(value) else "h" + _digest(value)) if value else "d" + _digest(key)
+        ref = ChannelRef(kind=spec.channel.kind, address=spec.channel.address, user=spec.channel.user or f"hook:{name}")
+        text = _message(name, payload)
+        accepted = await control.launch(deps, spec.agent, text, ref, thread_id=f"hook-{name}-{suffix}", key=key)
+        return HookAccepted(thread_id=accepted.thread_id, duplicate=accepted.duplicate)
+
+    return router
+
+
+__all__ = ["DeliveryFailed", "SignatureError", "deliver_all", "sign", "trigger_router", "verify"]
