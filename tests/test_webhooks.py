@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bot import control, web
+from bot import control, threads, web
 from bot.config import Config
 from bot.errors import ConfigError
 from bot.events import ChannelRef, MessageReceived, Reply
@@ -440,3 +440,41 @@ async def test_refused_trigger_requests_publish_nothing(deps: Deps, client: http
 
     assert [await deps.redis.xlen(deps.keys.inbound(p)) for p in range(deps.keys.partitions)] == [0] * 4
     assert await control.list_threads(deps) == []
+
+
+# -- the whole path: API in, webhooks out ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test config's ``ops`` key (an approver of refund-desk); set before the web app reads its keys."""
+    monkeypatch.setenv("TEST_API_KEY_OPS", "sk-ops-in-this-test")
+    return "sk-ops-in-this-test"
+
+
+async def test_launched_and_decided_over_the_api_the_subscriber_hears_it_all_signed_and_in_order(
+    api_key: str,
+    deps: Deps,
+    start_worker: Any,
+    deliver: Callable[..., None],
+    receivers: tuple[Receiver, Receiver],
+    client: httpx.AsyncClient,
+) -> None:
+    audit, _ = receivers
+    await start_worker()
+    deliver()
+    auth = {"Authorization": f"Bearer {api_key}"}
+    r = await client.post("/api/v1/threads", json={"agent": "refund-desk", "message": "refund A102 10"}, headers=auth)
+    tid = r.json()["thread_id"]
+    await audit.wait_for(1)
+    [pending] = (await client.get("/api/v1/approvals", headers=auth)).json()
+    r = await client.post(f"/api/v1/approvals/{pending['id']}/decision", json={"approved": True}, headers=auth)
+    assert r.status_code == 200
+    got = await audit.wait_for(3)
+    assert [g.event for g in got] == THREE
+    for g in got:
+        verify(SECRET.encode(), g.headers, g.body)
+        assert g.json["thread_id"] == tid and g.json["type"] == g.event and g.delivery == g.json["id"]
+    assert got[1].json["event"]["by"] == "api:ops"
+    assert got[2].json["event"]["text"] == "Refunded $10.00 on order A102 (R-" + pending["id"][-6:] + ")."
+    assert (await threads.load(deps.redis, deps.keys, tid)).status is Status.DONE
