@@ -323,6 +323,39 @@ async def dlq_retry(deps: Deps, dlq_id: str) -> None:
     click.echo(f"retried {dlq_id} as {entry}")
 
 
+# -- schedules -------------------------------------------------------------------------------------------------
+
+
+@cli.group("schedules")
+def schedules_cmd() -> None:
+    """List the configured schedules and run one now."""
+
+
+@schedules_cmd.command("list")
+@with_deps()
+async def schedules_list(deps: Deps) -> None:
+    """Each schedule with its next fire times (local and UTC) and when it last fired."""
+    from datetime import UTC, datetime
+
+    from channels import schedules
+
+    rows = await schedules.describe(deps, datetime.now(UTC))
+    if not rows:
+        click.echo(f"no schedules in {deps.agents.path}")
+    for row in rows:
+        click.echo("\n".join(row.lines()))
+
+
+@schedules_cmd.command("run")
+@click.argument("name")
+@with_deps()
+async def schedules_run(deps: Deps, name: str) -> None:
+    """Run a schedule once now, in a thread of its own; prints the thread id."""
+    from channels import schedules
+
+    click.echo((await schedules.fire_now(deps, name)).thread_id)
+
+
 def main() -> None:
     cli()
 

@@ -55,6 +55,7 @@ class AgentSpec(_Strict):
 SCOPES = ("launch", "read", "decide")
 WEBHOOK_EVENTS = ("approval.requested", "approval.decided", "thread.done", "thread.failed")
 _ENV_NAME = r"^[A-Z][A-Z0-9_]*$"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ApiKeySpec(_Strict):
@@ -173,6 +174,12 @@ def load_config(path: str | Path, prompts_dir: str | Path = "prompts") -> Config
     for kind, target in spec.routes.items():
         if target not in agents:
             raise ConfigError(where, f"routes.{kind}", f"no agent named {target!r}")
+    for section in ("api_keys", "webhooks", "triggers", "schedules"):
+        for name in getattr(spec, section):  # names end up in thread ids, Redis keys and idempotency keys
+            if not _NAME.match(name):
+                raise ConfigError(
+                    where, f"{section}.{name}", "names are letters, digits, '.', '_' and '-' (64 at most)"
+                )
     for section, entries in (("triggers", spec.triggers), ("schedules", spec.schedules)):
         for name, entry in entries.items():
             if entry.agent not in agents:

@@ -93,3 +93,13 @@ def test_settings_reject_a_bad_number_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match="HANDRAIL_LEASE_MS: must be between 200 and 600000, got 5"):
         Settings.from_env({"HANDRAIL_LEASE_MS": "5"})
     assert Settings.from_env({}).redis_url is None
+
+
+def test_names_that_become_keys_are_plain(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD_AGENT + "api_keys:\n  'a}b': {key_env: X, scopes: [read]}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ROOT / "prompts")
+    assert (caught.value.key, caught.value.problem) == (
+        "api_keys.a}b",
+        "names are letters, digits, '.', '_' and '-' (64 at most)",
+    )
