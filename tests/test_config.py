@@ -32,6 +32,8 @@ def test_the_shipped_config_loads_with_both_example_agents() -> None:
     assert config.route("terminal") == "refund-desk"
     assert config.agent("support").gated("issue_refund") is not None
     assert config.agent("support").gated("lookup_order") is None
+    assert config.spec.api_keys["ops"].key_env == "HANDRAIL_API_KEY_OPS"
+    assert set(config.spec.schedules) == {"morning-digest"}
 
 
 @pytest.mark.parametrize(
