@@ -36,12 +36,22 @@ class Accepted:
 
 
 async def launch(
-    deps: Deps, agent: str, text: str, ref: ChannelRef, *, thread_id: str | None = None, key: str | None = None
+    deps: Deps,
+    agent: str,
+    text: str,
+    ref: ChannelRef,
+    *,
+    thread_id: str | None = None,
+    key: str | None = None,
+    business_key: str = "",
 ) -> Accepted:
     """Start a thread for ``agent`` with a first message; returns once both events are on the inbound stream."""
     deps.agents.agent(agent)  # fails with a clear error for an unknown agent
     thread_id = thread_id or new_id()
-    await deps.bus.publish(ThreadLaunched(thread_id=thread_id, key=f"launch:{thread_id}", agent=agent, ref=ref))
+    launched = ThreadLaunched(
+        thread_id=thread_id, key=f"launch:{thread_id}", agent=agent, ref=ref, business_key=business_key
+    )
+    await deps.bus.publish(launched)
     entry = await deps.bus.publish(
         MessageReceived(thread_id=thread_id, key=key or f"msg:{new_id()}", text=text, user=ref.user, ref=ref)
     )

@@ -201,19 +201,6 @@ Event = Annotated[
 
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
-# Events that arrive from outside the worker (channels, CLI, API) on the inbound stream.
-INBOUND_TYPES = frozenset(
-    {
-        "thread.launched",
-        "message.received",
-        "approval.decided",
-        "human.answered",
-        "thread.paused",
-        "thread.resumed",
-        "thread.cancelled",
-    }
-)
-
 
 def parse_event(data: dict[str, Any]) -> Event:
     """Validate a dict into an Event; raises pydantic.ValidationError with a readable reason."""

@@ -15,8 +15,6 @@ from bot.events import (
     ApprovalRequested,
     Error,
     Event,
-    HumanAsked,
-    Reply,
     ToolCall,
     ToolResult,
     args_hash,
@@ -122,7 +120,3 @@ def repeated_call(events: Sequence[Event], tool: str, args: dict[str, Any]) -> b
     since = _since_human(events)
     ran = {e.call_id for e in since if isinstance(e, ToolResult)}
     return any(isinstance(e, ToolCall) and e.call_id in ran and args_hash(e.tool, e.args) == wanted for e in since)
-
-
-def turn_ended(event: Event) -> bool:
-    return isinstance(event, Reply | HumanAsked)

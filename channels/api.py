@@ -209,7 +209,11 @@ def router(deps: Deps) -> APIRouter:
             tid = _business_thread(body.agent, body.business_key) if body.business_key else new_id()
             if body.business_key and (await threads.load(deps.redis, deps.keys, tid)).events:
                 return accepted(await control.send(deps, tid, body.message, ref))
-            return accepted(await control.launch(deps, body.agent, body.message, ref, thread_id=tid))
+            return accepted(
+                await control.launch(
+                    deps, body.agent, body.message, ref, thread_id=tid, business_key=body.business_key or ""
+                )
+            )
 
         return await idempotent(deps, request, who, run)
 

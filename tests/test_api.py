@@ -104,6 +104,7 @@ async def test_a_business_key_continues_the_same_thread(api: httpx.AsyncClient, 
     assert one == two == "refund-desk.TICKET-7"
     thread = await wait_for(deps, one, status_is(Status.WAITING_APPROVAL))
     assert [e.text for e in thread.events if e.type == "message.received"] == ["hello", "refund A102"]  # type: ignore[union-attr]
+    assert thread.launched is not None and thread.launched.business_key == "TICKET-7"
 
 
 async def test_pause_resume_cancel_and_messages(api: httpx.AsyncClient, deps: Deps) -> None:
