@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bot import threads
@@ -184,6 +186,29 @@ def model(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedModel]:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
     yield server
     server.stop()
+
+
+@contextlib.asynccontextmanager
+async def web_client(deps: Deps) -> AsyncIterator[httpx.AsyncClient]:
+    """The web app under uvicorn on a free port (a port-0 socket), and an HTTP client for it."""
+    from bot.web import serve
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(deps, stop, sock=sock))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=10) as client:
+            for _ in range(200):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/healthz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.02)
+            yield client
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
+        sock.close()
 
 
 def python() -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,8 +11,7 @@ import pytest
 from bot import threads
 from bot.runtime import Deps
 from bot.threads import Status
-from bot.web import serve
-from tests.conftest import status_is, wait_for
+from tests.conftest import status_is, wait_for, web_client
 
 KEYS = {"ops": "sk-ops-0123456789", "reader": "sk-reader-0123456789", "intern": "sk-intern-0123456789"}
 
@@ -29,24 +26,8 @@ async def api(deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any) ->
     for name, key in KEYS.items():
         monkeypatch.setenv(f"TEST_API_KEY_{name.upper()}", key)
     await start_worker()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve(deps, stop, sock=sock))
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            for _ in range(100):
-                try:
-                    await client.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.02)
-            yield client
-    finally:
-        stop.set()
-        await server
-        sock.close()
+    async with web_client(deps) as client:
+        yield client
 
 
 async def launch(api: httpx.AsyncClient, text: str = "refund A100 25", **extra: Any) -> str:

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bot import control, threads, web
+from bot import control, threads
 from bot.config import Config
 from bot.errors import ConfigError
 from bot.events import ChannelRef, MessageReceived, Reply
@@ -29,7 +28,7 @@ from bot.runtime import Deps
 from bot.settings import Settings
 from bot.threads import Status, Thread
 from channels.webhooks import SignatureError, deliver_all, sign, verify
-from tests.conftest import status_is, wait_for
+from tests.conftest import status_is, wait_for, web_client
 
 SECRET = "whsec-subscribers-in-this-test"
 TRIGGER_SECRET = "trigger-secret-in-this-test"
@@ -330,20 +329,8 @@ async def test_without_subscribers_it_waits_for_stop(deps: Deps) -> None:
 @pytest.fixture
 async def client(deps: Deps) -> AsyncIterator[httpx.AsyncClient]:
     """The web app under uvicorn on a free port, and an HTTP client for it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    stop = asyncio.Event()
-    server = asyncio.create_task(web.serve(deps, stop, sock=sock))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=10) as c:
-        for _ in range(200):
-            with contextlib.suppress(httpx.TransportError):
-                if (await c.get("/healthz")).status_code == 200:
-                    break
-            await asyncio.sleep(0.02)
+    async with web_client(deps) as c:
         yield c
-    stop.set()
-    await asyncio.wait_for(server, 10)
-    sock.close()
 
 
 def signed(
