@@ -17,12 +17,19 @@ from bot.keys import INBOUND_GROUP, Keys
 
 SEEN_TTL = 7 * 24 * 3600  # a repeat of an inbound event within a week is recognised at the door
 
-# Accept an event once: remember its idempotency key and put it on the stream, atomically.
+# Accept events once: for each, remember its idempotency key and put it on the stream, all in one step.
+# KEYS: the stream, then one seen-key per event. ARGV: ttl, then (payload, key) per event; key '' skips the check.
 _PUBLISH = """
-if ARGV[3] == '' or redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
+local out = {}
+for i = 2, #KEYS do
+  local payload, key = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  if key == '' or redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
+    out[i - 1] = redis.call('XADD', KEYS[1], '*', 'e', payload)
+  else
+    out[i - 1] = false
+  end
 end
-return false
+return out
 """
 
 # Run a batch of commands only while the caller still holds its partition lease (the fencing check) and,
@@ -73,13 +80,20 @@ class Bus:
 
         Only after this returns may a source be told "accepted".
         """
-        if dedupe and not event.key:
-            raise ValueError(f"inbound event {event.type} has no idempotency key")
-        entry = await self._publish(
-            keys=[self.keys.seen(event.key or "-"), self.keys.inbound_for(event.thread_id)],
-            args=[SEEN_TTL, codec.encode(event, keep_thread=True), event.key if dedupe else ""],
-        )
-        return entry.decode() if entry else None
+        return (await self.publish_all([event], dedupe=dedupe))[0]
+
+    async def publish_all(self, events: Sequence[Event], *, dedupe: bool = True) -> list[str | None]:
+        """Publish events of one thread together: all of them are on the stream, in order, or none."""
+        if len({e.thread_id for e in events}) != 1:
+            raise ValueError("publish_all takes events of exactly one thread")
+        args: list[Any] = [SEEN_TTL]
+        for e in events:
+            if dedupe and not e.key:
+                raise ValueError(f"inbound event {e.type} has no idempotency key")
+            args += [codec.encode(e, keep_thread=True), e.key if dedupe else ""]
+        seen = [self.keys.seen(e.key or "-") for e in events]
+        entries = await self._publish(keys=[self.keys.inbound_for(events[0].thread_id), *seen], args=args)
+        return [entry.decode() if entry else None for entry in entries]
 
     async def fenced(
         self, lease_key: str, token: str, commands: Sequence[Command], *, log: str = "", last_id: str = "0-0"

@@ -51,10 +51,8 @@ async def launch(
     launched = ThreadLaunched(
         thread_id=thread_id, key=f"launch:{thread_id}", agent=agent, ref=ref, business_key=business_key
     )
-    await deps.bus.publish(launched)
-    entry = await deps.bus.publish(
-        MessageReceived(thread_id=thread_id, key=key or f"msg:{new_id()}", text=text, user=ref.user, ref=ref)
-    )
+    first = MessageReceived(thread_id=thread_id, key=key or f"msg:{new_id()}", text=text, user=ref.user, ref=ref)
+    _, entry = await deps.bus.publish_all([launched, first])  # a launched thread never lacks its message
     return Accepted(thread_id, entry)
 
 
