@@ -121,7 +121,7 @@ def edited_args(original: Mapping[str, Any], values: Mapping[str, Any]) -> dict[
     for block_id, inputs in values.items():
         if not block_id.startswith(ARG_PREFIX):
             continue
-        name, raw = block_id[len(ARG_PREFIX):], str((inputs.get("value") or {}).get("value") or "")
+        name, raw = block_id.removeprefix(ARG_PREFIX), str((inputs.get("value") or {}).get("value") or "")
         if isinstance(original.get(name), str):
             args[name] = raw
         else:
