@@ -3,8 +3,10 @@ request (429 with Retry-After, 5xx) so delivery retries can be tested."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,11 @@ class FakeSlack:
     team: str = "T1"
     calls: list[Call] = field(default_factory=list)
     failures: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)  # method -> answers first
-    socket_url: str = ""  # what apps.connections.open hands out
+    envelopes: list[dict[str, Any]] = field(default_factory=list)  # Socket Mode: sent to each connecting client
+    acks: list[dict[str, Any]] = field(default_factory=list)  # Socket Mode: what clients sent back
+    on_ack: Callable[[], Awaitable[Any]] | None = None  # Socket Mode: looks at the world as each ack arrives
+    seen_at_ack: list[Any] = field(default_factory=list)
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     _port: int = 0
     _ts: int = 0
@@ -37,6 +43,7 @@ class FakeSlack:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/api/{method}", self._handle)
+        app.router.add_get("/link", self._socket)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -46,6 +53,25 @@ class FakeSlack:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @property
+    def socket_url(self) -> str:
+        return f"ws://127.0.0.1:{self._port}/link"
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        """Slack's Socket Mode endpoint: hello, then the queued envelopes; records the acknowledgements."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({"type": "hello", "num_connections": 1, "debug_info": {"host": "fake"}})
+        for envelope in self.envelopes:
+            await ws.send_json(envelope)
+        async for message in ws:
+            if message.type == web.WSMsgType.TEXT:
+                self.acks.append(json.loads(message.data))
+                if self.on_ack is not None:
+                    self.seen_at_ack.append(await self.on_ack())
+                self.acked.set()
+        return ws
 
     def made(self, method: str, ok_only: bool = True) -> list[Call]:
         return [c for c in self.calls if c.method == method and (c.status == 200 or not ok_only)]
@@ -64,7 +90,7 @@ class FakeSlack:
             call.status, headers = self.failures[method].pop(0)
             error = "ratelimited" if call.status == 429 else "internal_error"
             return web.json_response({"ok": False, "error": error}, status=call.status, headers=headers)
-        if not request.headers.get("Authorization", "").startswith("Bearer xox"):
+        if not request.headers.get("Authorization", "").startswith(("Bearer xoxb-", "Bearer xapp-")):
             return web.json_response({"ok": False, "error": "not_authed"})
         return web.json_response(self._answer(method, params))
 

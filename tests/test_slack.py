@@ -382,3 +382,60 @@ async def test_malformed_payloads_get_400_and_unknown_events_are_ignored(slack: 
     )
     assert r.status_code == 200 and "c-123" in r.text
     assert await threads.recent_ids(slack.deps.redis, slack.deps.keys) == []
+
+
+def test_the_manifest_subscribes_to_what_the_app_handles() -> None:
+    """The shipped manifest and the app agree: one request URL, the events we listen to, /handrail."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    manifest = yaml.safe_load((ROOT / "config" / "slack-manifest.yaml").read_text())
+    settings = manifest["settings"]
+    urls = {settings["event_subscriptions"]["request_url"], settings["interactivity"]["request_url"]}
+    urls |= {c["url"] for c in manifest["features"]["slash_commands"]}
+    assert urls == {"https://YOUR-HOST/slack/events"}
+    assert [c["command"] for c in manifest["features"]["slash_commands"]] == ["/handrail"]
+    assert set(settings["event_subscriptions"]["bot_events"]) == {
+        "app_mention", "message.im", "message.channels", "message.groups"
+    }  # fmt: skip
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    assert {"app_mentions:read", "chat:write", "im:history", "channels:history", "commands"} <= scopes
+
+
+async def test_socket_mode_events_are_recorded_then_acknowledged(deps: Deps, start_worker: Any) -> None:
+    from channels.slack.settings import SlackSettings
+    from channels.slack.socket_mode import run_socket_mode
+
+    fake = FakeSlack()
+    body = {"type": "event_callback", "team_id": "T1", "api_app_id": "A1", "event_id": "EvSock1",
+            "event_time": int(time.time()), "event": mention("hello over a socket")}  # fmt: skip
+    fake.envelopes.append({"envelope_id": "env-1", "type": "events_api", "accepts_response_payload": False,
+                           "retry_attempt": 0, "retry_reason": "", "payload": body})  # fmt: skip
+
+    async def recorded() -> bool:
+        return bool(await deps.redis.exists(deps.keys.seen("slack:T1:CGEN:1700000000.000100")))
+
+    fake.on_ack = recorded
+    await fake.start()
+    await start_worker()
+    settings = SlackSettings(TOKEN, SECRET, "xapp-test-only", fake.url)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(run_socket_mode(deps, stop, settings=settings)),
+             asyncio.create_task(deliver_slack(deps, stop, settings=settings, base_delay=0.05))]  # fmt: skip
+    try:
+        await asyncio.wait_for(fake.acked.wait(), 10)
+        assert fake.acks[:1] == [{"envelope_id": "env-1"}]
+        assert fake.seen_at_ack[:1] == [True]  # on the inbound stream before Slack was told
+        opened = fake.made("apps.connections.open")
+        assert len(opened) == 1
+        async with httpx.AsyncClient() as unused:
+            [reply] = await Rig(unused, fake, deps).posted(1)
+        assert (reply.params["channel"], reply.params["thread_ts"]) == ("CGEN", "1700000000.000100")
+        thread = await threads.get(deps.redis, deps.keys, tid())
+        said = next(e for e in thread.events if e.type == "message.received")
+        assert said.text == "hello over a socket"  # type: ignore[union-attr]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await fake.stop()
