@@ -148,6 +148,9 @@ def count(thread: Thread, type_: str) -> int:
 async def test_a_mention_is_answered_in_its_thread(slack: Rig) -> None:
     r = await slack.event(mention("hello"))
     assert r.status_code == 200
+    # Slack also sends the mention as a plain channel message (another event id): it is the same message
+    echo = mention("hello") | {"type": "message", "channel_type": "channel"}
+    assert (await slack.event(echo)).status_code == 200
     [reply] = await slack.posted(1)
     assert reply.params == {
         "channel": "CGEN", "thread_ts": "1700000000.000100",
@@ -156,6 +159,7 @@ async def test_a_mention_is_answered_in_its_thread(slack: Rig) -> None:
     thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
     said = next(e for e in thread.events if e.type == "message.received")
     assert (said.text, said.user, thread.agent) == ("hello", "slack:UBOB", "slack-desk")  # type: ignore[union-attr]
+    assert count(thread, "message.received") == 1
     assert [c.method for c in slack.fake.calls if c.method != "auth.test"] == ["chat.postMessage"]
 
 
