@@ -330,7 +330,8 @@ async def test_handrail_slash_command_lists_my_pending_approvals(slack: Rig) -> 
 # -- delivery ---------------------------------------------------------------------------------------------------
 
 
-async def test_rate_limits_and_server_errors_are_retried_until_delivered(slack: Rig) -> None:
+async def test_rate_limits_and_server_errors_are_retried_until_delivered(slack: Rig, caplog: Any) -> None:
+    caplog.set_level("DEBUG")
     slack.fake.failures["chat.postMessage"] = [(429, {"Retry-After": "1"}), (503, {})]
     await slack.event(mention("hello"))
     [reply] = await slack.posted(1)
@@ -341,6 +342,26 @@ async def test_rate_limits_and_server_errors_are_retried_until_delivered(slack: 
     receipts = await slack.deps.redis.hgetall(slack.deps.keys.receipts(tid()))
     assert list(receipts.values()) == [b"1700000500.000001"]
     assert await slack.deps.redis.xlen(slack.deps.keys.dlq) == 0
+    assert "HTTP 429 ratelimited" in caplog.text and "HTTP 503" in caplog.text
+    assert TOKEN not in caplog.text and SECRET not in caplog.text
+
+
+async def test_a_second_deliverer_waits_its_turn_so_a_thread_is_told_things_in_order(slack: Rig) -> None:
+    """Two processes deliver: while the first waits out a Retry-After, the second does not overtake it."""
+    stop = asyncio.Event()
+    second = asyncio.create_task(deliver_slack(slack.deps, stop, base_delay=0.05))
+    try:
+        await asyncio.sleep(0.2)
+        slack.fake.failures["chat.postMessage"] = [(429, {"Retry-After": "2"})]
+        await slack.event(mention("hello"))
+        await slack.calls("chat.postMessage", lambda _: bool(slack.fake.made("chat.postMessage", ok_only=False)))
+        follow_up = mention("refund Z999", ts="1700000000.000200") | {"thread_ts": "1700000000.000100"}
+        await slack.event(follow_up)
+        sent = await slack.posted(2)
+        assert [c.params["text"].split(" ")[0] for c in sent] == ["I", "lookup_order"]  # asked first, told first
+    finally:
+        stop.set()
+        await second
 
 
 # -- bad input --------------------------------------------------------------------------------------------------

@@ -30,14 +30,19 @@ def _shown(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def _cut(text: str, limit: int) -> str:
+    """Within Block Kit's length limits: Slack refuses the whole message otherwise."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _details(tool: str, args: Mapping[str, Any], reason: str, approvers: Sequence[str]) -> Blocks:
-    fields = [{"type": "mrkdwn", "text": f"*{k}*\n{_shown(v)}"} for k, v in args.items()][:10]  # Slack's limit
-    title = f":raised_hand: Approval needed to run *{tool}*"
+    fields = [{"type": "mrkdwn", "text": _cut(f"*{k}*\n{_shown(v)}", 2000)} for k, v in args.items()][:10]
+    title = _cut(f":raised_hand: Approval needed to run *{tool}*", 3000)
     blocks: Blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": title}}]
     if fields:
         blocks.append({"type": "section", "fields": fields})
     if reason:
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Why:* {reason}"}})
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _cut(f"*Why:* {reason}", 3000)}})
     if approvers:
         blocks.append({"type": "context", "elements": [
             {"type": "mrkdwn", "text": "Who may decide: " + ", ".join(who(a) for a in approvers)}]})  # fmt: skip
@@ -102,6 +107,7 @@ def edit_modal(approval_id: str, tool: str, args: Mapping[str, Any]) -> dict[str
          "label": {"type": "plain_text", "text": name[:2000]},
          "element": {"type": "plain_text_input", "action_id": "value", "initial_value": _shown(value)}}
         for name, value in args.items()
+        if len(_shown(value)) <= 3000  # Slack's limit for an input; a longer argument stays as it is
     ]  # fmt: skip
     return {
         "type": "modal",
@@ -117,7 +123,7 @@ def edit_modal(approval_id: str, tool: str, args: Mapping[str, Any]) -> dict[str
 
 def edited_args(original: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
     """The Edit modal's submitted values back into arguments: text stays text where the original was text."""
-    args: dict[str, Any] = {}
+    args = dict(original)  # arguments the modal did not show keep their values
     for block_id, inputs in values.items():
         if not block_id.startswith(ARG_PREFIX):
             continue
