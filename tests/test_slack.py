@@ -464,3 +464,20 @@ async def test_socket_mode_events_are_recorded_then_acknowledged(deps: Deps, sta
         stop.set()
         await asyncio.gather(*tasks)
         await fake.stop()
+
+
+def test_slack_settings_are_all_or_nothing_and_keep_secrets_out_of_sight() -> None:
+    from bot.errors import ConfigError
+    from channels.slack.settings import SlackSettings
+
+    assert SlackSettings.from_env({}) is None
+    with pytest.raises(ConfigError, match="SLACK_SIGNING_SECRET: not set, but SLACK_BOT_TOKEN is"):
+        SlackSettings.from_env({"SLACK_BOT_TOKEN": TOKEN})
+    with pytest.raises(ConfigError, match="SLACK_BOT_TOKEN: not set"):
+        SlackSettings.from_env({"SLACK_SIGNING_SECRET": SECRET})
+    full = SlackSettings.from_env({"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET,
+                                   "SLACK_APP_TOKEN": "xapp-1", "SLACK_API_URL": "http://127.0.0.1:1/api"})  # fmt: skip
+    assert full is not None and (full.app_token, full.api_url) == ("xapp-1", "http://127.0.0.1:1/api/")
+    assert TOKEN not in repr(full) and SECRET not in repr(full) and "xapp-1" not in repr(full)
+    default = SlackSettings.from_env({"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET})
+    assert default is not None and (default.app_token, default.api_url) == (None, "https://slack.com/api/")
