@@ -106,6 +106,18 @@ def _webhooks(deps: Deps) -> Runner:
     return lambda stop: webhooks.deliver_all(deps, stop)
 
 
+def _slack(deps: Deps) -> Runner:
+    from channels.slack.delivery import deliver_slack
+
+    return lambda stop: deliver_slack(deps, stop)
+
+
+def _slack_socket(deps: Deps) -> Runner:
+    from channels.slack.socket_mode import run_socket_mode
+
+    return lambda stop: run_socket_mode(deps, stop)
+
+
 host_option = click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 port_option = click.option("--port", default=8000, show_default=True, envvar="PORT", help="Port to listen on.")
 
@@ -121,15 +133,16 @@ async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     where = deps.settings.redis_url or f"embedded Redis (data in {deps.settings.data_dir}/)"
     click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}, API on http://{host}:{port}/api/v1/docs")
     click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
-    await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _scheduler(deps), _webhooks(deps))
+    await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _scheduler(deps), _webhooks(deps),
+                         _slack(deps), _slack_socket(deps))  # fmt: skip
 
 
 @cli.command()
 @with_deps()
 async def worker(deps: Deps) -> None:
-    """Run one agent worker, delivering webhooks too (start as many as you like against one Redis)."""
+    """Run one agent worker, delivering webhooks and Slack messages too (start as many as you like)."""
     logging.getLogger("bot").setLevel(logging.INFO)
-    await _until_stopped(*_workers(deps, 1), _webhooks(deps))
+    await _until_stopped(*_workers(deps, 1), _webhooks(deps), _slack(deps))
 
 
 @cli.command()
@@ -137,9 +150,10 @@ async def worker(deps: Deps) -> None:
 @port_option
 @with_deps()
 async def web(deps: Deps, host: str, port: int) -> None:
-    """Serve the REST API (/api/v1, docs at /api/v1/docs), inbound webhooks (/hooks) and /healthz, /readyz."""
+    """Serve the REST API (/api/v1, docs at /api/v1/docs), inbound webhooks (/hooks), Slack (/slack/events, or
+    Socket Mode with SLACK_APP_TOKEN) and /healthz, /readyz."""
     logging.getLogger("bot").setLevel(logging.INFO)
-    await _until_stopped(_web(deps, host, port))
+    await _until_stopped(_web(deps, host, port), _slack_socket(deps))
 
 
 @cli.command()

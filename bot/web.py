@@ -1,4 +1,5 @@
-"""The web process, assembled: REST API, signed inbound webhooks, health. Wiring layer, like bot/cli.py.
+"""The web process, assembled: REST API, signed inbound webhooks, Slack (when configured), health. Wiring layer,
+like bot/cli.py.
 
 The routes live with their channels; this module only knows which ones exist.
 """
@@ -74,6 +75,13 @@ def create_app(deps: Deps) -> FastAPI:
     app.state.deps = deps
     app.include_router(api.router(deps))
     app.include_router(webhooks.trigger_router(deps))
+    from channels.slack.settings import SlackSettings
+
+    slack = SlackSettings.from_env()
+    if slack is not None:  # POST /slack/events only where Slack is configured
+        from channels.slack.app import router as slack_router
+
+        app.include_router(slack_router(deps, slack))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, bool]:

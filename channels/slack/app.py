@@ -1,0 +1,299 @@
+"""Slack inbound: the Bolt app (Events API, buttons, modals, /handrail) and its one HTTP route.
+
+Every message Slack sends us becomes an event on the inbound stream before Slack is answered (Bolt runs with
+``process_before_response``), so a crash before the answer makes Slack retry, and the retry is recognised by its
+idempotency key. User ids always come from the body Slack signed, never from a button's value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import approvals, control, threads
+from bot.agent import ApprovalPolicy
+from bot.errors import HandrailError
+from bot.events import ChannelRef, HumanAnswered
+from bot.runtime import Deps
+from bot.threads import Status
+from channels.slack import cards
+from channels.slack.settings import SlackSettings
+
+log = logging.getLogger(__name__)
+
+KIND = "slack"
+TOLERANCE = 300  # seconds: Slack's own rule for how old a signed request may be
+_SUBTYPES = frozenset({None, "thread_broadcast", "file_share"})  # message subtypes a person writes
+
+
+def thread_id(team: str, channel: str, thread_ts: str) -> str:
+    """A Slack thread is a Handrail thread: the id follows from where it lives."""
+    return f"slack-{team}-{channel}-{thread_ts}"
+
+
+def identity(user: str) -> str:
+    return f"{KIND}:{user}"
+
+
+def web_client(settings: SlackSettings) -> AsyncWebClient:
+    return AsyncWebClient(token=settings.bot_token, base_url=settings.api_url)
+
+
+# -- signatures and payload shape, checked before Bolt sees the request ---------------------------------------
+
+
+def check_signature(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> str | None:
+    """Why the request is not from Slack (None: it is). v0=HMAC_SHA256(secret, "v0:{timestamp}:{body}")."""
+    stamp, given = headers.get("x-slack-request-timestamp", ""), headers.get("x-slack-signature", "")
+    if not stamp or not given:
+        return "missing X-Slack-Request-Timestamp or X-Slack-Signature header"
+    if not (stamp.isascii() and stamp.isdigit()):
+        return "X-Slack-Request-Timestamp is not unix seconds"
+    if abs((time.time() if now is None else now) - int(stamp)) > TOLERANCE:
+        return f"X-Slack-Request-Timestamp is more than {TOLERANCE} s off this server's clock"
+    expected = "v0=" + hmac.new(secret.encode(), f"v0:{stamp}:".encode() + body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), given.encode()):
+        return "signature does not match"
+    return None
+
+
+def malformed(content_type: str, body: bytes) -> str | None:
+    """Why Bolt could not make sense of this body (None: it can)."""
+    try:
+        text = body.decode()
+        if content_type.startswith("application/json"):
+            doc = json.loads(text)
+            if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):
+                return "a JSON body must be an object with a 'type'"
+            if doc["type"] == "event_callback" and not isinstance(doc.get("event"), dict):
+                return "an event_callback needs an 'event' object"
+            return None
+        if content_type.startswith("application/x-www-form-urlencoded"):
+            form = parse_qs(text)
+            if "payload" in form:
+                payload = json.loads(form["payload"][0])
+                if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
+                    return "'payload' must be a JSON object with a 'type'"
+                return None
+            if "command" in form or "ssl_check" in form:
+                return None
+            return "a form body needs 'payload' (interactivity) or 'command' (a slash command)"
+    except (ValueError, RecursionError) as exc:  # ValueError includes bad UTF-8 and bad JSON
+        return f"body is not valid: {exc}"
+    return f"unsupported Content-Type {content_type or '(none)'!r}"
+
+
+# -- the Bolt app ----------------------------------------------------------------------------------------------
+
+
+class SlackInbound:
+    """What each Slack request turns into on the inbound stream."""
+
+    def __init__(self, deps: Deps, settings: SlackSettings, client: AsyncWebClient | None = None) -> None:
+        self.deps = deps
+        self.app = AsyncApp(
+            client=client or web_client(settings),
+            signing_secret=settings.signing_secret,
+            process_before_response=True,  # record first, answer Slack after
+            logger=logging.getLogger("channels.slack.bolt"),
+        )
+        self._register()
+
+    def _register(self) -> None:
+        app = self.app
+        app.event("app_mention")(self.on_mention)
+        app.event("message")(self.on_message)
+        app.event(re.compile(".*"))(self.on_other_event)  # last: listeners are tried in order
+        app.action(cards.APPROVE)(self.on_approve)
+        app.action(cards.REJECT)(self.on_open_modal)
+        app.action(cards.EDIT)(self.on_open_modal)
+        app.view(cards.REJECT_VIEW)(self.on_reject)
+        app.view(cards.EDIT_VIEW)(self.on_edit)
+        app.command("/handrail")(self.on_command)
+
+    # -- messages
+
+    async def on_mention(self, ack: Any, body: dict[str, Any], event: dict[str, Any], context: Any) -> None:
+        await self._message(body, event, context, start=True)
+        await ack()
+
+    async def on_message(self, ack: Any, body: dict[str, Any], event: dict[str, Any], context: Any) -> None:
+        bot_user = context.get("bot_user_id") or ""
+        if event.get("channel_type") == "im":
+            await self._message(body, event, context, start=True)
+        elif f"<@{bot_user}>" not in event.get("text", ""):  # a mention arrives as app_mention too
+            await self._message(body, event, context, start=False)  # a reply in a thread we are part of
+        await ack()
+
+    async def on_other_event(self, ack: Any, event: dict[str, Any]) -> None:
+        log.info("slack: ignored an event of type %r (no handler)", event.get("type"))
+        await ack()
+
+    async def _message(self, body: dict[str, Any], event: dict[str, Any], context: Any, *, start: bool) -> None:
+        if event.get("bot_id") or event.get("subtype") not in _SUBTYPES or not event.get("user"):
+            log.debug("slack: ignored a bot's or system message (%s)", event.get("subtype"))
+            return
+        bot_user = context.get("bot_user_id") or ""
+        team = str(event.get("team") or body.get("team_id") or "")
+        channel, ts = str(event["channel"]), str(event["ts"])
+        thread_ts = str(event.get("thread_ts") or ts)
+        text = re.sub(rf"<@{re.escape(bot_user)}>\s*", "", str(event.get("text", ""))).strip() if bot_user else ""
+        text = text or str(event.get("text", "")).strip()
+        tid = thread_id(team, channel, thread_ts)
+        ref = ChannelRef.model_validate(
+            {"kind": KIND, "address": channel, "user": identity(str(event["user"])), "team": team,
+             "thread_ts": thread_ts}
+        )  # fmt: skip
+        # keyed by the message, not the event: a Slack retry and the app_mention + message pair are one message
+        key = f"slack:{team}:{channel}:{ts}"
+        deps = self.deps
+        thread = await threads.load(deps.redis, deps.keys, tid)
+        if not thread.events:
+            if not start:
+                return  # a thread we were never part of
+            agent = deps.agents.route(KIND, channel)
+            await control.launch(deps, agent, text, ref, thread_id=tid, key=key)
+        elif thread.status is Status.WAITING_HUMAN:  # the next reply answers the question asked
+            await deps.bus.publish(HumanAnswered(thread_id=tid, key=key, text=text, by=ref.user, ref=ref))
+        else:
+            await control.send(deps, tid, text, ref, key=key)
+
+    # -- approvals
+
+    async def on_approve(self, ack: Any, body: dict[str, Any], client: AsyncWebClient) -> None:
+        await ack()
+        approval_id, user = str(body["actions"][0]["value"]), str(body["user"]["id"])
+        try:
+            outcome = await control.decide(self.deps, approval_id, by=identity(user), approved=True)
+        except HandrailError as exc:
+            await self._ephemeral(client, body, str(exc))
+            return
+        if outcome.result != "ok":  # the card itself is updated by the outbox, from the decision event
+            await self._ephemeral(client, body, refusal(outcome))
+
+    async def on_open_modal(self, ack: Any, body: dict[str, Any], client: AsyncWebClient) -> None:
+        await ack()
+        action = body["actions"][0]
+        approval_id, user = str(action["value"]), str(body["user"]["id"])
+        problem, record = await self._may_decide(approval_id, identity(user))
+        if record is None or problem:
+            await self._ephemeral(client, body, problem or "This approval no longer exists.")
+            return
+        if action["action_id"] == cards.REJECT:
+            view = cards.reject_modal(approval_id, record.tool)
+        else:
+            view = cards.edit_modal(approval_id, record.tool, record.args)
+        await client.views_open(trigger_id=body["trigger_id"], view=view)
+
+    async def on_reject(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
+        approval_id, user = str(view["private_metadata"]), str(body["user"]["id"])
+        values = view.get("state", {}).get("values", {})
+        reason = str((values.get(cards.REASON_BLOCK, {}).get(cards.REASON_INPUT) or {}).get("value") or "")
+        outcome = await control.decide(self.deps, approval_id, by=identity(user), approved=False, feedback=reason)
+        if outcome.result == "ok":
+            await ack()
+        else:
+            await ack(response_action="errors", errors={cards.REASON_BLOCK: refusal(outcome)})
+
+    async def on_edit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
+        approval_id, user = str(view["private_metadata"]), str(body["user"]["id"])
+        values = view.get("state", {}).get("values", {})
+        first = next(iter(values), cards.ARG_PREFIX)
+        problem, record = await self._may_decide(approval_id, identity(user))
+        if record is None or problem:
+            await ack(response_action="errors", errors={first: problem or "This approval no longer exists."})
+            return
+        args = cards.edited_args(record.args, values)
+        try:
+            outcome = await control.decide(self.deps, approval_id, by=identity(user), approved=True, args=args)
+        except HandrailError as exc:
+            await ack(response_action="errors", errors={first: str(exc)[:1500]})
+            return
+        if outcome.result == "ok":
+            await ack()
+        else:
+            await ack(response_action="errors", errors={first: refusal(outcome)})
+
+    async def _may_decide(self, approval_id: str, who: str) -> tuple[str, approvals.ApprovalRecord | None]:
+        """Checked before a modal opens, so nobody types a reason that cannot count (decide checks again)."""
+        try:
+            record = await approvals.get(self.deps.redis, self.deps.keys, approval_id)
+        except HandrailError:
+            return "", None
+        if record.state != "pending":
+            return refusal(approvals.Outcome("decided", record.state, record.by, record.at)), record
+        if not ApprovalPolicy(record.approvers).allows(who):
+            return refusal(approvals.Outcome("forbidden")), record
+        return "", record
+
+    async def _ephemeral(self, client: AsyncWebClient, body: dict[str, Any], text: str) -> None:
+        """Only the clicker sees it."""
+        message = body.get("message") or {}
+        await client.chat_postEphemeral(
+            channel=str(body["channel"]["id"]), user=str(body["user"]["id"]), text=text,
+            thread_ts=message.get("thread_ts") or message.get("ts"),
+        )  # fmt: skip
+
+    # -- /handrail
+
+    async def on_command(self, ack: Any, command: dict[str, Any]) -> None:
+        me = identity(str(command["user_id"]))
+        word = str(command.get("text") or "").strip().lower()
+        if word in ("", "approvals"):
+            mine = [a for a in await approvals.pending(self.deps.redis, self.deps.keys)
+                    if ApprovalPolicy(a.approvers).allows(me)]  # fmt: skip
+            lines = [f"• *{a.tool}* {json.dumps(a.args, ensure_ascii=False)} (thread `{a.thread_id}`, "
+                     f"approval `{a.id}`)" for a in mine]  # fmt: skip
+            text = "Waiting for your decision:\n" + "\n".join(lines) if lines else "Nothing is waiting for you."
+        elif word == "threads":
+            rows = [r for r in await control.list_threads(self.deps, limit=200) if r.id.startswith("slack-")][:15]
+            lines = [f"• `{r.id}` {r.agent}: {r.status} ({r.events} events)" for r in rows]
+            text = "Recent Slack threads:\n" + "\n".join(lines) if lines else "No Slack threads yet."
+        else:
+            text = "Usage: `/handrail` or `/handrail approvals` (what waits for you), `/handrail threads`."
+        await ack(text=text)
+
+
+def refusal(outcome: approvals.Outcome) -> str:
+    if outcome.result == "forbidden":
+        return "You can't approve this: you are not one of its approvers."
+    if outcome.result == "decided":
+        by = f" by {cards.who(outcome.by)}" if outcome.by else ""
+        return f"Already decided: {outcome.state}{by} at {cards.when(outcome.at)}."
+    if outcome.result == "missing":
+        return "This approval no longer exists."
+    return outcome.message
+
+
+def router(deps: Deps, settings: SlackSettings) -> APIRouter:
+    """POST /slack/events: Events API, interactivity and slash commands at one request URL."""
+    inbound = SlackInbound(deps, settings)
+    handler = AsyncSlackRequestHandler(inbound.app)
+    api = APIRouter(tags=["slack"])
+
+    @api.post("/slack/events", include_in_schema=False)
+    async def slack_events(request: Request) -> Response:
+        body = await request.body()
+        why = check_signature(settings.signing_secret, request.headers, body)
+        if why is not None:
+            log.warning("slack: refused a request: %s", why)
+            return JSONResponse({"detail": why}, status_code=401)
+        why = malformed(request.headers.get("content-type", ""), body)
+        if why is not None:
+            return JSONResponse({"detail": why}, status_code=400)
+        return await handler.handle(request)
+
+    return api

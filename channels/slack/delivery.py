@@ -1,0 +1,161 @@
+"""Slack outbound: the ``slack`` outbox delivered through the Web API, retried on 429 and 5xx, never dropped.
+
+A failed call raises ``DeliveryFailed`` (with Slack's Retry-After when it gave one); OutboxConsumer waits and
+tries again, and dead-letters only after many attempts (``handrail dlq list`` / ``dlq retry``). The ts of each
+message sent is kept as its receipt, so a decision later finds its approval card and updates it in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import threads
+from bot.events import ApprovalRequested
+from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt
+from bot.runtime import Deps
+from channels.slack import cards
+from channels.slack.app import KIND, web_client
+from channels.slack.settings import SlackSettings
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 12  # with the backoff below: about ten minutes of Slack being down before a dead letter
+BASE_DELAY = 0.5
+LEASE_MS = 15_000  # a dead deliverer's outbox moves to another process after this long
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class DeliveryFailed(Exception):
+    """Slack did not take a message; OutboxConsumer tries again (after ``retry_after`` when given)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _failure(method: str, exc: SlackApiError) -> DeliveryFailed:
+    status = getattr(exc.response, "status_code", 0)
+    headers = {str(k).lower(): str(v) for k, v in (getattr(exc.response, "headers", None) or {}).items()}
+    retry_after = headers.get("retry-after", "")
+    error = exc.response.get("error", "") if isinstance(exc.response.data, dict) else ""
+    return DeliveryFailed(
+        f"slack {method}: HTTP {status} {error}".rstrip(),
+        float(retry_after) if retry_after.isdigit() else None,
+    )
+
+
+async def _call(method: str, call: Any) -> Any:
+    """One Web API call, its failures as DeliveryFailed (messages carry no token: slack_sdk never puts it there)."""
+    try:
+        return await call
+    except SlackApiError as exc:
+        raise _failure(method, exc) from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise DeliveryFailed(f"slack {method}: {type(exc).__name__}: {exc}") from None
+
+
+def sender(deps: Deps, client: AsyncWebClient) -> Deliver:
+    """The Deliver function for the ``slack`` outbox."""
+
+    async def deliver(msg: Outbound) -> Receipt | None:
+        if msg.ref.kind != KIND or not msg.ref.address:
+            return None
+        channel = msg.ref.address
+        thread_ts = (msg.ref.model_extra or {}).get("thread_ts")
+        if msg.kind == "approval_update" and msg.approval:
+            return await _update_card(deps, client, msg, channel, thread_ts)
+        blocks = cards.request_card(msg.approval) if msg.kind == "approval_request" and msg.approval else None
+        text = f":warning: {msg.text}" if msg.kind == "error" else msg.text
+        sent = await _call("chat.postMessage", client.chat_postMessage(
+            channel=channel, thread_ts=thread_ts, text=text, blocks=blocks))  # fmt: skip
+        return Receipt(channel_id=str(sent["ts"]))
+
+    return deliver
+
+
+async def _update_card(
+    deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None
+) -> Receipt:
+    """Replace the card's buttons by the verdict; found through the receipt of the request's message."""
+    assert msg.approval is not None
+    thread = await threads.load(deps.redis, deps.keys, msg.thread_id)
+    request = next(
+        (e for e in thread.events if isinstance(e, ApprovalRequested) and e.approval_id == msg.approval["id"]), None
+    )
+    ts = None
+    if request is not None:
+        ts = await deps.redis.hget(deps.keys.receipts(msg.thread_id), f"{KIND}:{request.id}")
+    text = cards.verdict(msg.approval)
+    if request is None or ts is None:  # the card never went out (dead-lettered): say it in the thread instead
+        sent = await _call("chat.postMessage", client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text))
+        return Receipt(channel_id=str(sent["ts"]))
+    blocks = cards.decided_card(request.tool, request.args, request.reason, msg.approval)
+    done = await _call("chat.update", client.chat_update(channel=channel, ts=ts.decode(), text=text, blocks=blocks))
+    return Receipt(channel_id=str(done["ts"]))
+
+
+async def deliver_slack(
+    deps: Deps, stop: asyncio.Event, *, settings: SlackSettings | None = None, max_attempts: int = MAX_ATTEMPTS,
+    base_delay: float = BASE_DELAY,
+) -> None:  # fmt: skip
+    """Deliver the ``slack`` outbox until ``stop`` (idle when Slack is not configured).
+
+    One process at a time delivers (a lease), so a thread's messages go out in order and a decision never
+    overtakes the card it updates; another process takes over within LEASE_MS of the holder's death.
+    """
+    settings = settings or SlackSettings.from_env()
+    if settings is None:
+        await stop.wait()
+        return
+    consumer = OutboxConsumer(
+        deps.redis, deps.keys, KIND, sender(deps, web_client(settings)), consumer="deliverer",
+        max_attempts=max_attempts, base_delay=base_delay,
+        claim_idle_ms=0,  # only the lease holder reads, so whatever is pending was left by a dead one
+    )  # fmt: skip
+    me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    lease = f"{consumer.stream}:lease"
+    while not stop.is_set():
+        try:
+            if await deps.redis.set(lease, me, nx=True, px=LEASE_MS):
+                await _lead(deps, consumer, lease, me, stop)
+        except Exception:  # Redis hiccup: log, breathe, go on; what was read stays pending
+            log.exception("slack delivery stopped; trying again")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), LEASE_MS / 3000)
+
+
+async def _lead(deps: Deps, consumer: OutboxConsumer, lease: str, me: str, stop: asyncio.Event) -> None:
+    await consumer.ensure_group()
+
+    async def pump() -> None:
+        while True:
+            await consumer.run_once(block_ms=200)
+
+    # stop is watched beside the pump: a delivery waiting out a Retry-After must not hold up shutdown
+    pumping, stopping = asyncio.create_task(pump()), asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            await asyncio.wait({pumping, stopping}, timeout=LEASE_MS / 3000, return_when=asyncio.FIRST_COMPLETED)
+            if pumping.done():
+                pumping.result()  # its failure, to be logged
+            if not stop.is_set() and not await deps.redis.eval(_RENEW, 1, lease, me, LEASE_MS):
+                log.warning("slack delivery lease moved to another process")
+                return
+    finally:
+        stopping.cancel()
+        while not pumping.done():  # insist: redis-py can swallow a cancel that lands while it reconnects
+            pumping.cancel()
+            await asyncio.wait({pumping}, timeout=0.5)
+        await asyncio.gather(pumping, stopping, return_exceptions=True)  # a cut-off delivery stays pending
+        await deps.redis.eval(_RELEASE, 1, lease, me)

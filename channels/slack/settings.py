@@ -1,0 +1,33 @@
+"""Slack's secrets and endpoint, from the environment; absent means the Slack channel is off."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from bot.errors import ConfigError
+
+DEFAULT_API_URL = "https://slack.com/api/"
+
+
+@dataclass(frozen=True)
+class SlackSettings:
+    bot_token: str = field(repr=False)
+    signing_secret: str = field(repr=False)
+    app_token: str | None = field(default=None, repr=False)  # set: also receive events over Socket Mode
+    api_url: str = DEFAULT_API_URL  # tests point this at a local fake of the Web API
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SlackSettings | None:
+        """None when Slack is not configured (neither token nor secret set); a half configuration fails loudly."""
+        env = os.environ if env is None else env
+        token, secret = env.get("SLACK_BOT_TOKEN", ""), env.get("SLACK_SIGNING_SECRET", "")
+        if not token and not secret:
+            return None
+        if not token:
+            raise ConfigError("environment", "SLACK_BOT_TOKEN", "not set, but SLACK_SIGNING_SECRET is (set both)")
+        if not secret:
+            raise ConfigError("environment", "SLACK_SIGNING_SECRET", "not set, but SLACK_BOT_TOKEN is (set both)")
+        api_url = env.get("SLACK_API_URL") or DEFAULT_API_URL
+        return cls(token, secret, env.get("SLACK_APP_TOKEN") or None, api_url.rstrip("/") + "/")

@@ -1,0 +1,483 @@
+"""Slack end to end: the real Bolt app over HTTP, requests signed as Slack signs them, a local fake Web API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+
+from bot import approvals, threads
+from bot.runtime import Deps
+from bot.threads import Status, Thread
+from bot.web import serve
+from channels.slack.delivery import deliver_slack
+from tests.conftest import status_is, wait_for
+from tests.slack_fake import Call, FakeSlack
+
+SECRET = "slack-signing-secret-test-only"
+TOKEN = "xoxb-test-only-not-a-token"
+
+
+def signed(body: bytes, *, secret: str = SECRET, stamp: int | None = None) -> dict[str, str]:
+    ts = str(int(time.time()) if stamp is None else stamp)
+    sig = "v0=" + hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": sig}
+
+
+@dataclass
+class Rig:
+    http: httpx.AsyncClient
+    fake: FakeSlack
+    deps: Deps
+    n: int = 0
+
+    async def event(self, event: dict[str, Any], *, event_id: str | None = None, retry: int = 0) -> httpx.Response:
+        self.n += 1
+        body = json.dumps({
+            "token": "legacy", "team_id": "T1", "api_app_id": "A1", "type": "event_callback",
+            "event_id": event_id or f"Ev{self.n:04d}", "event_time": int(time.time()), "event": event,
+        }).encode()  # fmt: skip
+        headers = signed(body) | {"Content-Type": "application/json"}
+        if retry:
+            headers |= {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
+        return await self.http.post("/slack/events", content=body, headers=headers)
+
+    async def form(self, fields: dict[str, str]) -> httpx.Response:
+        body = urlencode(fields).encode()
+        headers = signed(body) | {"Content-Type": "application/x-www-form-urlencoded"}
+        return await self.http.post("/slack/events", content=body, headers=headers)
+
+    async def click(self, action: str, approval_id: str, user: str, card: Call) -> httpx.Response:
+        return await self.form({"payload": json.dumps({
+            "type": "block_actions", "user": {"id": user, "team_id": "T1"}, "team": {"id": "T1"},
+            "api_app_id": "A1", "trigger_id": f"trig-{user}", "channel": {"id": card.params["channel"]},
+            "container": {"type": "message", "message_ts": "x", "channel_id": card.params["channel"]},
+            "message": {"ts": "1700000500.000001", "thread_ts": card.params.get("thread_ts")},
+            "actions": [{"type": "button", "action_id": action, "block_id": f"approval:{approval_id}",
+                         "value": approval_id, "action_ts": str(time.time())}],
+        })})  # fmt: skip
+
+    async def submit(self, view: dict[str, Any], user: str, values: dict[str, Any]) -> httpx.Response:
+        return await self.form({"payload": json.dumps({
+            "type": "view_submission", "user": {"id": user, "team_id": "T1"}, "team": {"id": "T1"},
+            "api_app_id": "A1", "trigger_id": "trig-view",
+            "view": {"id": "V1", "type": "modal", "callback_id": view["callback_id"],
+                     "private_metadata": view["private_metadata"], "state": {"values": values}},
+        })})  # fmt: skip
+
+    async def calls(self, method: str, until: Callable[[list[Call]], bool], timeout: float = 10.0) -> list[Call]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            made = self.fake.made(method)
+            if until(made):
+                return made
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{method} calls never got there: {[c.params for c in self.fake.made(method)]}")
+
+    async def posted(self, count: int) -> list[Call]:
+        return await self.calls("chat.postMessage", lambda c: len(c) >= count)
+
+
+@pytest.fixture
+async def slack(deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any) -> AsyncIterator[Rig]:
+    """The web app (Slack at /slack/events) on a free port, a worker, the Slack deliverer and a fake Web API."""
+    fake = FakeSlack()
+    await fake.start()
+    monkeypatch.setenv("SLACK_BOT_TOKEN", TOKEN)
+    monkeypatch.setenv("SLACK_SIGNING_SECRET", SECRET)
+    monkeypatch.setenv("SLACK_API_URL", fake.url)
+    await start_worker()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(deps, stop, sock=sock))
+    delivery = asyncio.create_task(deliver_slack(deps, stop, base_delay=0.05))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=10) as http:
+            for _ in range(100):
+                try:
+                    await http.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.02)
+            yield Rig(http, fake, deps)
+    finally:
+        stop.set()
+        await asyncio.gather(server, delivery)
+        sock.close()
+        await fake.stop()
+
+
+def mention(text: str, ts: str = "1700000000.000100", channel: str = "CGEN", user: str = "UBOB") -> dict[str, Any]:
+    return {"type": "app_mention", "user": user, "text": f"<@UBOT> {text}", "ts": ts, "channel": channel,
+            "event_ts": ts, "team": "T1"}  # fmt: skip
+
+
+def tid(ts: str = "1700000000.000100", channel: str = "CGEN") -> str:
+    return f"slack-T1-{channel}-{ts}"
+
+
+async def approval_card(rig: Rig, text: str = "refund A100 25") -> tuple[str, Call]:
+    """Mention the bot asking for a refund; returns the approval id and the card's chat.postMessage."""
+    r = await rig.event(mention(text))
+    assert r.status_code == 200, r.text
+    thread = await wait_for(rig.deps, tid(), status_is(Status.WAITING_APPROVAL))
+    request = thread.open_approval()
+    assert request is not None
+    [card] = await rig.posted(1)
+    return request.approval_id, card
+
+
+def count(thread: Thread, type_: str) -> int:
+    return sum(1 for e in thread.events if e.type == type_)
+
+
+# -- conversations ----------------------------------------------------------------------------------------------
+
+
+async def test_a_mention_is_answered_in_its_thread(slack: Rig) -> None:
+    r = await slack.event(mention("hello"))
+    assert r.status_code == 200
+    # Slack also sends the mention as a plain channel message (another event id): it is the same message
+    echo = mention("hello") | {"type": "message", "channel_type": "channel"}
+    assert (await slack.event(echo)).status_code == 200
+    [reply] = await slack.posted(1)
+    assert reply.params == {
+        "channel": "CGEN", "thread_ts": "1700000000.000100",
+        "text": "I can refund orders. Say 'refund A100' for the whole order or 'refund A100 25' for $25.",
+    }  # fmt: skip
+    thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
+    said = next(e for e in thread.events if e.type == "message.received")
+    assert (said.text, said.user, thread.agent) == ("hello", "slack:UBOB", "slack-desk")  # type: ignore[union-attr]
+    assert count(thread, "message.received") == 1
+    assert [c.method for c in slack.fake.calls if c.method != "auth.test"] == ["chat.postMessage"]
+
+
+async def test_a_direct_message_is_answered_and_bot_messages_are_ignored(slack: Rig) -> None:
+    dm = {"type": "message", "channel_type": "im", "channel": "D42", "user": "UBOB", "text": "hi",
+          "ts": "1700000001.000100", "team": "T1"}  # fmt: skip
+    assert (await slack.event(dm)).status_code == 200
+    [reply] = await slack.posted(1)
+    assert (reply.params["channel"], reply.params["thread_ts"]) == ("D42", "1700000001.000100")
+    in_thread = {"thread_ts": "1700000001.000100"}
+    # another bot's message and our own echo, in the same thread: neither is heard
+    await slack.event(dm | in_thread | {"ts": "1700000002.0", "bot_id": "BOTHER", "subtype": "bot_message"})
+    await slack.event(dm | in_thread | {"ts": "1700000003.0", "user": "UBOT", "bot_id": "BBOT"})
+    await slack.event(dm | in_thread | {"ts": "1700000004.0", "text": "refund A101"})
+    await wait_for(slack.deps, tid("1700000001.000100", "D42"), status_is(Status.WAITING_APPROVAL))
+    thread = await threads.get(slack.deps.redis, slack.deps.keys, tid("1700000001.000100", "D42"))
+    assert [e.text for e in thread.events if e.type == "message.received"] == ["hi", "refund A101"]  # type: ignore[union-attr]
+
+
+async def test_a_question_is_asked_in_the_thread_and_the_next_reply_answers_it(slack: Rig, model: Any) -> None:
+    from tests.scripted_model import call
+
+    model.add(call("ask_human", {"question": "Which order?"}), call("reply", {"text": "Looking at A100."}))
+    await slack.event(mention("refund please", channel="CSUPPORT"))
+    [question] = await slack.posted(1)
+    assert (question.params["text"], question.params["thread_ts"]) == ("Which order?", "1700000000.000100")
+    await wait_for(slack.deps, tid(channel="CSUPPORT"), status_is(Status.WAITING_HUMAN), timeout=30)
+    reply = {"type": "message", "channel_type": "channel", "channel": "CSUPPORT", "user": "UBOB", "text": "A100",
+             "ts": "1700000009.000100", "thread_ts": "1700000000.000100", "team": "T1"}  # fmt: skip
+    await slack.event(reply)
+    thread = await wait_for(slack.deps, tid(channel="CSUPPORT"), status_is(Status.DONE), timeout=30)
+    answered = next(e for e in thread.events if e.type == "human.answered")
+    assert (answered.text, answered.by) == ("A100", "slack:UBOB")  # type: ignore[union-attr]
+    assert (await slack.posted(2))[1].params["text"] == "Looking at A100."
+
+
+# -- approvals --------------------------------------------------------------------------------------------------
+
+
+async def test_an_approver_approves_with_the_button_and_the_card_is_updated(slack: Rig) -> None:
+    approval_id, card = await approval_card(slack)
+    assert card.params["channel"] == "CGEN" and card.params["thread_ts"] == "1700000000.000100"
+    assert card.params["blocks"] == [
+        {"type": "section", "text": {"type": "mrkdwn", "text": ":raised_hand: Approval needed to run *issue_refund*"}},
+        {"type": "section", "fields": [{"type": "mrkdwn", "text": "*order_id*\nA100"},
+                                       {"type": "mrkdwn", "text": "*amount_cents*\n2500"}]},
+        {"type": "section", "text": {"type": "mrkdwn",
+                                     "text": "*Why:* ada@example.com asked for a refund of their mechanical keyboard"}},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": "Who may decide: <@UALICE>"}]},
+        {"type": "actions", "block_id": f"approval:{approval_id}", "elements": [
+            {"type": "button", "action_id": "handrail_approve", "value": approval_id, "style": "primary",
+             "text": {"type": "plain_text", "text": "Approve"}},
+            {"type": "button", "action_id": "handrail_reject", "value": approval_id, "style": "danger",
+             "text": {"type": "plain_text", "text": "Reject"}},
+            {"type": "button", "action_id": "handrail_edit", "value": approval_id,
+             "text": {"type": "plain_text", "text": "Edit"}},
+        ]},
+    ]  # fmt: skip
+
+    r = await slack.click("handrail_approve", approval_id, "UALICE", card)
+    assert r.status_code == 200
+    thread = await wait_for(slack.deps, tid(), status_is(Status.DONE))
+    [update] = await slack.calls("chat.update", lambda c: len(c) >= 1)
+    decided = next(e for e in thread.events if e.type == "approval.decided")
+    assert update.params["ts"] == "1700000500.000001" and update.params["channel"] == "CGEN"
+    verdict = f":white_check_mark: Approved by <@UALICE> at <!date^{decided.at // 1000}^{{time}}|"
+    assert update.params["text"].startswith(verdict)
+    assert update.params["blocks"][-1] == {"type": "section", "text": {"type": "mrkdwn", "text": update.params["text"]}}
+    assert not any(b["type"] == "actions" for b in update.params["blocks"])
+    replies = await slack.posted(2)
+    assert replies[1].params["text"].startswith("Refunded $25.00 on order A100")
+    assert count(thread, "tool.started") == 3 - 1  # lookup_order and issue_refund, each once
+    assert len(await slack.deps.redis.hgetall(f"{slack.deps.keys.ns}:refunds")) == 1
+
+    # a second click, and a Slack retry of the first mention: one decision, one message, the clicker is told
+    again = await slack.click("handrail_approve", approval_id, "UALICE", card)
+    assert again.status_code == 200
+    [told] = await slack.calls("chat.postEphemeral", lambda c: len(c) >= 1)
+    assert told.params["user"] == "UALICE" and told.params["text"].startswith(
+        "Already decided: approved by <@UALICE> at <!date^"
+    )
+    retried = await slack.event(mention("refund A100 25"), event_id="Ev0001", retry=1)
+    assert retried.status_code == 200
+    await asyncio.sleep(0.3)
+    thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
+    assert count(thread, "approval.decided") == 1 and count(thread, "message.received") == 1
+    assert len(slack.fake.made("chat.update")) == 1
+
+
+async def test_a_non_approver_is_refused_privately_and_nothing_changes(slack: Rig) -> None:
+    approval_id, card = await approval_card(slack)
+    for action in ("handrail_approve", "handrail_reject", "handrail_edit"):
+        assert (await slack.click(action, approval_id, "UBOB", card)).status_code == 200
+    told = await slack.calls("chat.postEphemeral", lambda c: len(c) >= 3)
+    assert {(c.params["user"], c.params["text"]) for c in told} == {
+        ("UBOB", "You can't approve this: you are not one of its approvers.")
+    }
+    assert slack.fake.made("views.open") == [] and slack.fake.made("chat.update") == []
+    record = await approvals.get(slack.deps.redis, slack.deps.keys, approval_id)
+    thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
+    assert record.state == "pending" and thread.status is Status.WAITING_APPROVAL
+    assert count(thread, "approval.decided") == 0 and count(thread, "tool.started") == 1  # the lookup only
+
+
+async def test_reject_asks_for_a_reason_which_reaches_the_agent(slack: Rig) -> None:
+    approval_id, card = await approval_card(slack)
+    assert (await slack.click("handrail_reject", approval_id, "UALICE", card)).status_code == 200
+    [opened] = await slack.calls("views.open", lambda c: len(c) >= 1)
+    view = opened.params["view"]
+    assert (opened.params["trigger_id"], view["callback_id"], view["private_metadata"]) == (
+        "trig-UALICE", "handrail_reject_view", approval_id
+    )  # fmt: skip
+    values = {"reason": {"reason_input": {"type": "plain_text_input", "value": "they already got a voucher"}}}
+    r = await slack.submit(view, "UALICE", values)
+    assert r.status_code == 200 and r.content == b""
+    thread = await wait_for(slack.deps, tid(), status_is(Status.DONE))
+    assert count(thread, "tool.started") == 1  # the refund never ran
+    replies = await slack.posted(2)
+    assert replies[1].params["text"] == (
+        "OK, I did not refund it. slack:UALICE rejected the refund: they already got a voucher"
+    )
+    [update] = await slack.calls("chat.update", lambda c: len(c) >= 1)
+    assert update.params["text"] == ":x: Rejected by <@UALICE>: they already got a voucher"
+
+
+async def test_edit_validates_the_new_arguments_and_runs_the_edited_call(slack: Rig) -> None:
+    approval_id, card = await approval_card(slack)
+    await slack.click("handrail_edit", approval_id, "UALICE", card)
+    [opened] = await slack.calls("views.open", lambda c: len(c) >= 1)
+    view = opened.params["view"]
+    shown = {b["block_id"]: b["element"]["initial_value"] for b in view["blocks"] if b["type"] == "input"}
+    assert shown == {"arg:order_id": "A100", "arg:amount_cents": "2500"}
+
+    def values(amount: str) -> dict[str, Any]:
+        return {"arg:order_id": {"value": {"type": "plain_text_input", "value": "A100"}},
+                "arg:amount_cents": {"value": {"type": "plain_text_input", "value": amount}}}  # fmt: skip
+
+    bad = await slack.submit(view, "UALICE", values("-5"))
+    assert bad.status_code == 200
+    refusal = bad.json()
+    assert refusal["response_action"] == "errors" and "greater than 0" in refusal["errors"]["arg:order_id"]
+    assert (await approvals.get(slack.deps.redis, slack.deps.keys, approval_id)).state == "pending"
+
+    ok = await slack.submit(view, "UALICE", values("1000"))
+    assert ok.status_code == 200 and ok.content == b""
+    thread = await wait_for(slack.deps, tid(), status_is(Status.DONE))
+    ran = [e for e in thread.events if e.type == "tool.result"][-1]
+    assert ran.result["amount_cents"] == 1000  # type: ignore[union-attr]
+    assert (await slack.posted(2))[1].params["text"].startswith("Refunded $10.00 on order A100")
+
+
+async def test_handrail_slash_command_lists_my_pending_approvals(slack: Rig) -> None:
+    approval_id, _ = await approval_card(slack)
+    base = {"command": "/handrail", "team_id": "T1", "channel_id": "CGEN", "trigger_id": "t1",
+            "response_url": "https://hooks.slack.test/x"}  # fmt: skip
+    mine = await slack.form(base | {"user_id": "UALICE", "text": ""})
+    assert mine.status_code == 200
+    assert mine.text == (
+        'Waiting for your decision:\n• *issue_refund* {"amount_cents": 2500, "order_id": "A100"} '
+        f"(thread `{tid()}`, approval `{approval_id}`)"
+    )  # the answer is shown to the caller only
+    others = await slack.form(base | {"user_id": "UBOB", "text": "approvals"})
+    assert others.text == "Nothing is waiting for you."
+    listed = await slack.form(base | {"user_id": "UBOB", "text": "threads"})
+    assert f"`{tid()}` slack-desk: waiting_approval" in listed.text
+
+
+# -- delivery ---------------------------------------------------------------------------------------------------
+
+
+async def test_rate_limits_and_server_errors_are_retried_until_delivered(slack: Rig, caplog: Any) -> None:
+    caplog.set_level("DEBUG")
+    slack.fake.failures["chat.postMessage"] = [(429, {"Retry-After": "1"}), (503, {})]
+    await slack.event(mention("hello"))
+    [reply] = await slack.posted(1)
+    attempts = slack.fake.made("chat.postMessage", ok_only=False)
+    assert [c.status for c in attempts] == [429, 503, 200]
+    assert attempts[1].at - attempts[0].at >= 1.0  # Retry-After was honoured
+    assert reply.params["thread_ts"] == "1700000000.000100"
+    receipts = await slack.deps.redis.hgetall(slack.deps.keys.receipts(tid()))
+    assert list(receipts.values()) == [b"1700000500.000001"]
+    assert await slack.deps.redis.xlen(slack.deps.keys.dlq) == 0
+    assert "HTTP 429 ratelimited" in caplog.text and "HTTP 503" in caplog.text
+    assert TOKEN not in caplog.text and SECRET not in caplog.text
+
+
+async def test_a_second_deliverer_waits_its_turn_so_a_thread_is_told_things_in_order(slack: Rig) -> None:
+    """Two processes deliver: while the first waits out a Retry-After, the second does not overtake it."""
+    stop = asyncio.Event()
+    second = asyncio.create_task(deliver_slack(slack.deps, stop, base_delay=0.05))
+    try:
+        await asyncio.sleep(0.2)
+        slack.fake.failures["chat.postMessage"] = [(429, {"Retry-After": "2"})]
+        await slack.event(mention("hello"))
+        await slack.calls("chat.postMessage", lambda _: bool(slack.fake.made("chat.postMessage", ok_only=False)))
+        follow_up = mention("refund Z999", ts="1700000000.000200") | {"thread_ts": "1700000000.000100"}
+        await slack.event(follow_up)
+        sent = await slack.posted(2)
+        assert [c.params["text"].split(" ")[0] for c in sent] == ["I", "lookup_order"]  # asked first, told first
+    finally:
+        stop.set()
+        await second
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+
+
+async def test_forged_stale_or_missing_signatures_get_401_and_record_nothing(slack: Rig) -> None:
+    body = json.dumps({"type": "event_callback", "team_id": "T1", "event_id": "EvX", "event": mention("refund A100")})
+    raw = body.encode()
+    json_type = {"Content-Type": "application/json"}
+    cases = {
+        "forged": signed(raw, secret="not-the-secret"),
+        "stale": signed(raw, stamp=int(time.time()) - 301),
+        "missing": {},
+    }
+    for name, headers in cases.items():
+        r = await slack.http.post("/slack/events", content=raw, headers=headers | json_type)
+        assert r.status_code == 401, name
+    r = await slack.http.post("/slack/events", content=raw + b" ", headers=signed(raw) | json_type)
+    assert r.status_code == 401 and r.json()["detail"] == "signature does not match"
+    assert await threads.recent_ids(slack.deps.redis, slack.deps.keys) == []
+    for p in range(slack.deps.keys.partitions):
+        assert await slack.deps.redis.xlen(slack.deps.keys.inbound(p)) == 0
+
+
+async def test_malformed_payloads_get_400_and_unknown_events_are_ignored(slack: Rig, caplog: Any) -> None:
+    for body, content_type, reason in [
+        (b"[1, 2]", "application/json", "a JSON body must be an object with a 'type'"),
+        (b"{not json", "application/json", "body is not valid"),
+        (b'{"type": "event_callback"}', "application/json", "an event_callback needs an 'event' object"),
+        (b"payload=%7Bnope", "application/x-www-form-urlencoded", "body is not valid"),
+        (b"hello=1", "application/x-www-form-urlencoded", "a form body needs 'payload'"),
+        (b"hello", "text/plain", "unsupported Content-Type 'text/plain'"),
+    ]:
+        r = await slack.http.post("/slack/events", content=body, headers=signed(body) | {"Content-Type": content_type})
+        assert r.status_code == 400 and r.json()["detail"].startswith(reason), (body, r.text)
+    caplog.set_level("INFO", logger="channels.slack")
+    r = await slack.event({"type": "reaction_added", "user": "UBOB", "reaction": "tada", "event_ts": "1.0"})
+    assert r.status_code == 200
+    assert "ignored an event of type 'reaction_added'" in caplog.text
+    challenge = json.dumps({"type": "url_verification", "challenge": "c-123", "token": "legacy"}).encode()
+    r = await slack.http.post(
+        "/slack/events", content=challenge, headers=signed(challenge) | {"Content-Type": "application/json"}
+    )
+    assert r.status_code == 200 and "c-123" in r.text
+    assert await threads.recent_ids(slack.deps.redis, slack.deps.keys) == []
+
+
+def test_the_manifest_subscribes_to_what_the_app_handles() -> None:
+    """The shipped manifest and the app agree: one request URL, the events we listen to, /handrail."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    manifest = yaml.safe_load((ROOT / "config" / "slack-manifest.yaml").read_text())
+    settings = manifest["settings"]
+    urls = {settings["event_subscriptions"]["request_url"], settings["interactivity"]["request_url"]}
+    urls |= {c["url"] for c in manifest["features"]["slash_commands"]}
+    assert urls == {"https://YOUR-HOST/slack/events"}
+    assert [c["command"] for c in manifest["features"]["slash_commands"]] == ["/handrail"]
+    assert set(settings["event_subscriptions"]["bot_events"]) == {
+        "app_mention", "message.im", "message.channels", "message.groups"
+    }  # fmt: skip
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    assert {"app_mentions:read", "chat:write", "im:history", "channels:history", "commands"} <= scopes
+
+
+async def test_socket_mode_events_are_recorded_then_acknowledged(deps: Deps, start_worker: Any) -> None:
+    from channels.slack.settings import SlackSettings
+    from channels.slack.socket_mode import run_socket_mode
+
+    fake = FakeSlack()
+    body = {"type": "event_callback", "team_id": "T1", "api_app_id": "A1", "event_id": "EvSock1",
+            "event_time": int(time.time()), "event": mention("hello over a socket")}  # fmt: skip
+    fake.envelopes.append({"envelope_id": "env-1", "type": "events_api", "accepts_response_payload": False,
+                           "retry_attempt": 0, "retry_reason": "", "payload": body})  # fmt: skip
+
+    async def recorded() -> bool:
+        return bool(await deps.redis.exists(deps.keys.seen("slack:T1:CGEN:1700000000.000100")))
+
+    fake.on_ack = recorded
+    await fake.start()
+    await start_worker()
+    settings = SlackSettings(TOKEN, SECRET, "xapp-test-only", fake.url)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(run_socket_mode(deps, stop, settings=settings)),
+             asyncio.create_task(deliver_slack(deps, stop, settings=settings, base_delay=0.05))]  # fmt: skip
+    try:
+        await asyncio.wait_for(fake.acked.wait(), 10)
+        assert fake.acks[:1] == [{"envelope_id": "env-1"}]
+        assert fake.seen_at_ack[:1] == [True]  # on the inbound stream before Slack was told
+        opened = fake.made("apps.connections.open")
+        assert len(opened) == 1
+        async with httpx.AsyncClient() as unused:
+            [reply] = await Rig(unused, fake, deps).posted(1)
+        assert (reply.params["channel"], reply.params["thread_ts"]) == ("CGEN", "1700000000.000100")
+        thread = await threads.get(deps.redis, deps.keys, tid())
+        said = next(e for e in thread.events if e.type == "message.received")
+        assert said.text == "hello over a socket"  # type: ignore[union-attr]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await fake.stop()
+
+
+def test_slack_settings_are_all_or_nothing_and_keep_secrets_out_of_sight() -> None:
+    from bot.errors import ConfigError
+    from channels.slack.settings import SlackSettings
+
+    assert SlackSettings.from_env({}) is None
+    with pytest.raises(ConfigError, match="SLACK_SIGNING_SECRET: not set, but SLACK_BOT_TOKEN is"):
+        SlackSettings.from_env({"SLACK_BOT_TOKEN": TOKEN})
+    with pytest.raises(ConfigError, match="SLACK_BOT_TOKEN: not set"):
+        SlackSettings.from_env({"SLACK_SIGNING_SECRET": SECRET})
+    full = SlackSettings.from_env({"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET,
+                                   "SLACK_APP_TOKEN": "xapp-1", "SLACK_API_URL": "http://127.0.0.1:1/api"})  # fmt: skip
+    assert full is not None and (full.app_token, full.api_url) == ("xapp-1", "http://127.0.0.1:1/api/")
+    assert TOKEN not in repr(full) and SECRET not in repr(full) and "xapp-1" not in repr(full)
+    default = SlackSettings.from_env({"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET})
+    assert default is not None and (default.app_token, default.api_url) == (None, "https://slack.com/api/")
