@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,9 +19,8 @@ import pytest
 from bot import approvals, threads
 from bot.runtime import Deps
 from bot.threads import Status, Thread
-from bot.web import serve
 from channels.slack.delivery import deliver_slack
-from tests.conftest import status_is, wait_for
+from tests.conftest import status_is, wait_for, web_client
 from tests.slack_fake import Call, FakeSlack
 
 SECRET = "slack-signing-secret-test-only"
@@ -88,8 +87,8 @@ class Rig:
         return await self.calls("chat.postMessage", lambda c: len(c) >= count)
 
 
-@pytest.fixture
-async def slack(deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any) -> AsyncIterator[Rig]:
+@contextlib.asynccontextmanager
+async def rig(deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any) -> AsyncIterator[Rig]:
     """The web app (Slack at /slack/events) on a free port, a worker, the Slack deliverer and a fake Web API."""
     fake = FakeSlack()
     await fake.start()
@@ -97,25 +96,21 @@ async def slack(deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any) 
     monkeypatch.setenv("SLACK_SIGNING_SECRET", SECRET)
     monkeypatch.setenv("SLACK_API_URL", fake.url)
     await start_worker()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
     stop = asyncio.Event()
-    server = asyncio.create_task(serve(deps, stop, sock=sock))
     delivery = asyncio.create_task(deliver_slack(deps, stop, base_delay=0.05))
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=10) as http:
-            for _ in range(100):
-                try:
-                    await http.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.02)
+        async with web_client(deps) as http:
             yield Rig(http, fake, deps)
     finally:
         stop.set()
-        await asyncio.gather(server, delivery)
-        sock.close()
+        await delivery
         await fake.stop()
+
+
+@pytest.fixture
+async def slack(deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any) -> AsyncIterator[Rig]:
+    async with rig(deps, monkeypatch, start_worker) as r:
+        yield r
 
 
 def mention(text: str, ts: str = "1700000000.000100", channel: str = "CGEN", user: str = "UBOB") -> dict[str, Any]:
@@ -344,6 +339,21 @@ async def test_rate_limits_and_server_errors_are_retried_until_delivered(slack: 
     assert await slack.deps.redis.xlen(slack.deps.keys.dlq) == 0
     assert "HTTP 429 ratelimited" in caplog.text and "HTTP 503" in caplog.text
     assert TOKEN not in caplog.text and SECRET not in caplog.text
+
+
+async def test_a_web_api_call_that_times_out_is_retried_until_delivered(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any
+) -> None:
+    monkeypatch.setenv("SLACK_API_TIMEOUT", "1")
+    async with rig(deps, monkeypatch, start_worker) as slack:
+        slack.fake.failures["chat.postMessage"] = [(0, {"hang": "3"})]
+        await slack.event(mention("hello"))
+        [reply] = await slack.posted(1)
+        attempts = slack.fake.made("chat.postMessage", ok_only=False)
+        assert [c.status for c in attempts] == [0, 200]
+        assert attempts[1].at - attempts[0].at >= 1.0  # the first call was given up after the timeout
+        assert reply.params["thread_ts"] == "1700000000.000100"
+        assert await slack.deps.redis.xlen(slack.deps.keys.dlq) == 0
 
 
 async def test_a_second_deliverer_waits_its_turn_so_a_thread_is_told_things_in_order(slack: Rig) -> None:

@@ -49,7 +49,9 @@ def identity(user: str) -> str:
 
 
 def web_client(settings: SlackSettings) -> AsyncWebClient:
-    return AsyncWebClient(token=settings.bot_token, base_url=settings.api_url)
+    return AsyncWebClient(
+        token=settings.bot_token, base_url=settings.api_url, timeout=int(max(1, settings.api_timeout))
+    )
 
 
 # -- signatures and payload shape, checked before Bolt sees the request ---------------------------------------

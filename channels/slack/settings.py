@@ -17,6 +17,7 @@ class SlackSettings:
     signing_secret: str = field(repr=False)
     app_token: str | None = field(default=None, repr=False)  # set: also receive events over Socket Mode
     api_url: str = DEFAULT_API_URL  # tests point this at a local fake of the Web API
+    api_timeout: float = 30.0  # seconds to wait for a Web API answer before the call counts as failed (retried)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SlackSettings | None:
@@ -30,4 +31,9 @@ class SlackSettings:
         if not secret:
             raise ConfigError("environment", "SLACK_SIGNING_SECRET", "not set, but SLACK_BOT_TOKEN is (set both)")
         api_url = env.get("SLACK_API_URL") or DEFAULT_API_URL
-        return cls(token, secret, env.get("SLACK_APP_TOKEN") or None, api_url.rstrip("/") + "/")
+        raw_timeout = env.get("SLACK_API_TIMEOUT") or "30"
+        try:
+            timeout = float(raw_timeout)
+        except ValueError:
+            raise ConfigError("environment", "SLACK_API_TIMEOUT", f"expected seconds, got {raw_timeout!r}") from None
+        return cls(token, secret, env.get("SLACK_APP_TOKEN") or None, api_url.rstrip("/") + "/", timeout)
