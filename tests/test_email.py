@@ -309,6 +309,41 @@ async def test_bad_mail_never_stops_the_watcher(mail: Rig) -> None:
     assert any(t.startswith("x" * 20_000) and "cut at 20000 characters" in t for t in texts)
 
 
+async def test_a_mail_that_keeps_failing_is_dead_lettered_and_the_next_one_handled(
+    mail: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = mail.watcher.inbound.handle
+
+    async def failing(raw: bytes) -> Any:
+        if b"poison" in raw:
+            raise RuntimeError("cannot handle this one")
+        return await handle(raw)
+
+    monkeypatch.setattr(mail.watcher.inbound, "handle", failing)
+    await mail.send(BOB, BOT, "poison")
+    await mail.send(BOB, BOT, "hello", subject="After")
+    [answer] = await mail.mails(BOB, 1, timeout=20)
+    assert answer["Subject"] == "Re: After"
+    [(_, dead)] = await mail.deps.bus.dead_letters()
+    assert "could not be handled (3 tries" in dead["error"] and mail.watcher.connects == 3
+    monkeypatch.setattr(mail.watcher.inbound, "handle", handle)  # fixed: `handrail dlq retry` hands it over again
+    dlq_id = (await mail.deps.bus.dead_letters())[0][0]
+    await mail.deps.bus.retry_dead_letter(dlq_id)
+    await mail.send(BOB, BOT, "nudge", subject="Nudge")  # the retry is picked up at the next sync
+    await mail.mails(BOB, 3, timeout=20)
+    assert sorted(str(m["Subject"]) for m in mail.relay.mails(BOB)) == ["Re: After", "Re: Hello", "Re: Nudge"]
+
+
+def test_handrail_email_without_settings_says_what_to_set(env_for: Any) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in env_for().items() if not k.startswith(("IMAP_", "SMTP_", "EMAIL_", "HANDRAIL_LINK"))}
+    done = subprocess.run([sys.executable, "-m", "bot.cli", "email"], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 1 and "email is not configured: set IMAP_HOST" in done.stderr
+
+
 # -- pieces -----------------------------------------------------------------------------------------------------
 
 
@@ -346,3 +381,15 @@ def test_html_only_mail_is_read_as_text_without_its_quoted_history() -> None:
                                                                           "refund A100", "")  # fmt: skip
     bounce = parse(b"From: MAILER-DAEMON@example.org\r\nReturn-Path: <>\r\n\r\nfailed", "bot@example.org")
     assert bounce.automatic == "null Return-Path (a bounce)"
+
+
+async def test_an_approvers_reply_without_the_token_is_told_to_reply_to_the_request(mail: Rig) -> None:
+    """A mail client that ignores Reply-To sends to the bare address: no decision, and the approver is told why."""
+    thread, request = await approval_mail(mail)
+    await mail.send(ALICE, BOT, "approve", subject="Re: x", headers={"In-Reply-To": str(request["Message-ID"])})
+    _, note = await mail.mails(ALICE, 2)
+    assert note.get_content().strip() == ("Your reply was not taken as a decision: the reply does not carry this "
+                                          "request's token (reply to the approval mail itself).")  # fmt: skip
+    assert note["In-Reply-To"] is not None and note["Reply-To"] == BOT
+    thread = await threads.get(mail.deps.redis, mail.deps.keys, thread.id)
+    assert thread.status is Status.WAITING_APPROVAL and count(thread, "approval.decided") == 0

@@ -45,6 +45,11 @@ def msgid_key(deps: Deps, message_id: str) -> str:
     return f"{deps.keys.ns}:email:mid:{message_id.lower()}"
 
 
+def approval_mail_key(deps: Deps, message_id: str) -> str:
+    """Marks a Message-ID as one of our approval requests (a reply to it without its token is refused)."""
+    return f"{deps.keys.ns}:email:amid:{message_id.lower()}"
+
+
 async def remember(deps: Deps, thread_id: str, message_id: str) -> None:
     pipe = deps.redis.pipeline(transaction=True)
     pipe.set(msgid_key(deps, message_id), thread_id, ex=links.TOKEN_TTL)
@@ -113,6 +118,8 @@ def sender(deps: Deps, settings: EmailSettings) -> Deliver:
         mails = await build(deps, settings, msg)
         for mail in mails:
             await remember(deps, msg.thread_id, str(mail["Message-ID"]))
+            if msg.kind == "approval_request":
+                await deps.redis.set(approval_mail_key(deps, str(mail["Message-ID"])), 1, ex=links.TOKEN_TTL)
             try:
                 await aiosmtplib.send(
                     mail, hostname=settings.smtp_host, port=settings.smtp_port,

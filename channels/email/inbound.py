@@ -26,15 +26,15 @@ from bot.outbox import Outbound, outbox_command
 from bot.runtime import Deps
 from bot.threads import Status
 from channels.email import links
-from channels.email.delivery import KIND, msgid_key, refs_key, remember
+from channels.email.delivery import KIND, approval_mail_key, msgid_key, refs_key, remember
 from channels.email.mime import Incoming, parse
 from channels.email.settings import EmailSettings
 
 log = logging.getLogger(__name__)
 
 DnsFunc = Callable[..., Any]  # dkimpy's TXT lookup: (name: bytes, timeout: int) -> bytes | None
-_APPROVE = re.compile(r"^\s*(approve|approved|yes)\b[\s.!]*$", re.I)
-_REJECT = re.compile(r"^\s*(reject|rejected|deny|no)\b\s*[:\-]?\s*(?P<reason>.*)$", re.I)
+_APPROVE = re.compile(r"^\s*(approve|approved)\b[\s.!]*$", re.I)
+_REJECT = re.compile(r"^\s*(reject|rejected|deny|denied)\b\s*[:\-]?\s*(?P<reason>.*)$", re.I)
 SEEN_TTL = 30 * 24 * 3600
 
 
@@ -91,11 +91,12 @@ class EmailInbound:
             target = await links.resolve(self.deps, token)
             if target is not None and target[0] == "approval":
                 return await self._decide(mail, target[1], dkim_problem)
-        if verdict(mail.text) is not None and await self._answers_approval_mail(mail):
-            why = "the reply does not carry this request's token (reply to the approval mail itself)"
-            if tokens:
-                why = "the reply's token is not valid"
-            return await self._refuse(mail, why, forged=bool(dkim_problem))
+        if verdict(mail.text) is not None:
+            if tokens and not any([await links.resolve(self.deps, t) for t in tokens]):
+                return await self._refuse(mail, "the reply's token is not valid", forged=bool(dkim_problem))
+            if await self._answers_approval_mail(mail):
+                why = "the reply does not carry this request's token (reply to the approval mail itself)"
+                return await self._refuse(mail, why, forged=bool(dkim_problem))
         if dkim_problem:
             return Handled("ignored", f"looks forged: {dkim_problem}")
         thread_id = await self._thread_of(mail, tokens)
@@ -142,7 +143,11 @@ class EmailInbound:
         return list(dict.fromkeys(out))
 
     async def _answers_approval_mail(self, mail: Incoming) -> bool:
-        return bool(mail.in_reply_to or mail.references or self._tokens(mail))
+        """Whether the mail answers one of our approval requests (by In-Reply-To or References)."""
+        for message_id in [mail.in_reply_to, *mail.references]:
+            if message_id and await self.deps.redis.exists(approval_mail_key(self.deps, message_id)):
+                return True
+        return False
 
     async def _thread_of(self, mail: Incoming, tokens: list[str]) -> str | None:
         """In-Reply-To first, then References (newest first), then the plus token."""

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0
 BATCH = 50  # mails handled per sync before IDLE is entered again
+MAX_FAILURES = 3  # tries before a mail that cannot be handled is dead-lettered
 
 
 class ImapFailure(Exception):
@@ -35,6 +36,7 @@ class Watcher:
         self.deps, self.settings, self.use_idle = deps, settings, idle
         self.inbound = EmailInbound(deps, settings, dns)
         self.state_key = f"{deps.keys.ns}:email:imap:{settings.imap_user.lower()}@{settings.imap_host.lower()}"
+        self.retry_stream = f"{deps.keys.ns}:email:retry"  # `handrail dlq retry` puts dead-lettered mail here
         self.connects = 0  # sessions opened (tests watch reconnects)
         self.handled = 0
 
@@ -97,6 +99,9 @@ class Watcher:
 
     async def sync(self, client: Any, validity: str) -> None:
         """Handle every mail after the last UID handled (all of them if UIDVALIDITY changed)."""
+        for entry_id, fields in await self.deps.redis.xrange(self.retry_stream, count=BATCH):
+            if await handle_safely(self.inbound, bytes(fields[b"mail"])) is not None:
+                await self.deps.redis.xdel(self.retry_stream, entry_id)
         raw = await self.deps.redis.hmget(self.state_key, "validity", "last")
         last = int(raw[1]) if raw[0] is not None and raw[0].decode() == validity and raw[1] else 0
         if raw[0] is None or raw[0].decode() != validity:
@@ -108,11 +113,27 @@ class Watcher:
             mail = next((bytes(x) for x in fetched.lines if isinstance(x, bytearray)), None)
             if mail is not None:
                 if await handle_safely(self.inbound, mail) is None:
-                    raise ImapFailure(f"mail UID {uid} could not be handled; retrying after reconnect")
-                self.handled += 1
+                    if not await self._give_up(uid, validity, mail):
+                        raise ImapFailure(f"mail UID {uid} could not be handled; retrying after reconnect")
+                else:
+                    self.handled += 1
             # only now, with its event on the inbound stream, is the mail marked read
             self._ok(await self._t(client.uid("store", str(uid), "+FLAGS", "(\\Seen)")), "STORE")
             await self.deps.redis.hset(self.state_key, "last", uid)
+
+    async def _give_up(self, uid: int, validity: str, mail: bytes) -> bool:
+        """After MAX_FAILURES tries, a mail that keeps failing goes to the dead-letter stream and is passed over."""
+        key = f"{self.state_key}:fail:{validity}:{uid}"
+        failures = int(await self.deps.redis.incr(key))
+        await self.deps.redis.expire(key, 86400)
+        if failures < MAX_FAILURES:
+            return False
+        await self.deps.redis.xadd(self.deps.keys.dlq, {
+            "stream": self.retry_stream, "field": "mail", "payload": mail,
+            "error": f"mail UID {uid} could not be handled ({failures} tries; see the email process's log)",
+        })  # fmt: skip
+        log.error("email: mail UID %s failed %d times; dead-lettered and passed over", uid, failures)
+        return True
 
     @staticmethod
     def _ok(response: Any, what: str) -> Any:
