@@ -45,12 +45,14 @@ class Watcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch until ``stop``: reconnect with backoff whenever the session fails."""
-        backoff = 0.5
+        backoff, connects = 0.5, self.connects
         while not stop.is_set():
             try:
                 await self.session(stop)
                 backoff = 0.5
             except Exception as exc:  # network, server or protocol trouble: a fresh connection fixes most of it
+                if self.connects > connects:  # it had logged in: start the backoff afresh
+                    backoff, connects = 0.5, self.connects
                 log.warning("email: IMAP session ended (%s: %s); reconnecting in %.1fs", type(exc).__name__, exc,
                             backoff)  # fmt: skip
                 with contextlib.suppress(TimeoutError):
