@@ -123,7 +123,7 @@ async def mail(deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any) -
             "IMAP_HOST": "127.0.0.1", "IMAP_PORT": str(server.imap_port), "IMAP_SSL": "false", "IMAP_USER": BOT,
             "IMAP_PASSWORD": PASSWORD, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port), "SMTP_STARTTLS": "no",
             "EMAIL_ADDRESS": BOT, "HANDRAIL_PUBLIC_URL": "http://handrail.test", "HANDRAIL_LINK_SECRET": "link-test",
-            "EMAIL_DKIM_DOMAINS": DOMAIN, "EMAIL_TIMEOUT": "3", "EMAIL_POLL_SECONDS": "20",
+            "EMAIL_DKIM_DOMAINS": DOMAIN, "EMAIL_TIMEOUT": "3", "EMAIL_POLL_SECONDS": "5",
         }  # fmt: skip
         for k, v in env.items():
             monkeypatch.setenv(k, v)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 30.0
 BATCH = 50  # mails handled per sync before IDLE is entered again
+_NEWS = re.compile(r"^\d+ (EXISTS|RECENT)\b", re.I)
 MAX_FAILURES = 3  # tries before a mail that cannot be handled is dead-lettered
 
 
@@ -37,6 +38,7 @@ class Watcher:
         self.inbound = EmailInbound(deps, settings, dns)
         self.state_key = f"{deps.keys.ns}:email:imap:{settings.imap_user.lower()}@{settings.imap_host.lower()}"
         self.retry_stream = f"{deps.keys.ns}:email:retry"  # `handrail dlq retry` puts dead-lettered mail here
+        self.changed = False
         self.connects = 0  # sessions opened (tests watch reconnects)
         self.handled = 0
 
@@ -71,7 +73,10 @@ class Watcher:
             validity = self._uidvalidity(selected.lines)
             idle = self.use_idle and client.has_capability("IDLE")
             while not stop.is_set():
+                self.changed = False
                 await self.sync(client, validity)
+                if self.changed:  # mail arrived while syncing (an EXISTS among the replies): sync again first
+                    continue
                 if idle:
                     await self._idle(client, stop)
                 else:
@@ -97,7 +102,9 @@ class Watcher:
         if client.protocol.state == aioimaplib.LOGOUT or client.protocol.transport.is_closing():
             raise ImapFailure("connection lost during IDLE")
         client.idle_done()
-        await self._t(idle)  # a dropped connection makes this time out (aioimaplib never completes it)
+        # a dropped connection makes this time out (aioimaplib never completes it); an EXISTS that came before the
+        # server's "+ idling" lands in the IDLE command's own reply, not in the push queue: _ok notices it
+        self._ok(await self._t(idle), "IDLE")
 
     async def sync(self, client: Any, validity: str) -> None:
         """Handle every mail after the last UID handled (all of them if UIDVALIDITY changed)."""
@@ -137,8 +144,9 @@ class Watcher:
         log.error("email: mail UID %s failed %d times; dead-lettered and passed over", uid, failures)
         return True
 
-    @staticmethod
-    def _ok(response: Any, what: str) -> Any:
+    def _ok(self, response: Any, what: str) -> Any:
+        # an untagged EXISTS/RECENT in any reply means new mail; IDLE would not report it again
+        self.changed = self.changed or any(_NEWS.match(_text(x)) for x in response.lines if isinstance(x, bytes))
         if response.result != "OK":
             raise ImapFailure(f"{what}: {response.result} {[_text(x) for x in response.lines][-1:]}")
         return response
