@@ -16,7 +16,9 @@ install: $(BIN)/handrail
 run: install  ## run Handrail (all processes in one; embedded Redis when REDIS_URL is unset)
 	$(BIN)/handrail up
 
-test: install  ## run the test suite (a real Redis: REDIS_URL, else an embedded one)
+test: install  ## run the test suite (a real Redis: REDIS_URL, else an embedded one; Dovecot for the email tests)
+	@test -x /usr/sbin/dovecot || command -v dovecot >/dev/null || { echo "The email tests need Dovecot:" \
+	  "sudo apt-get install dovecot-imapd dovecot-lmtpd (then: sudo systemctl disable --now dovecot)"; exit 1; }
 	$(BIN)/pytest
 
 bench: install  ## drive full approval cycles and print throughput, latency and memory figures

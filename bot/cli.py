@@ -118,6 +118,18 @@ def _slack_socket(deps: Deps) -> Runner:
     return lambda stop: run_socket_mode(deps, stop)
 
 
+def _email(deps: Deps) -> Runner:
+    from channels.email.watcher import run_email
+
+    return lambda stop: run_email(deps, stop)
+
+
+def _email_delivery(deps: Deps) -> Runner:
+    from channels.email.delivery import deliver_email
+
+    return lambda stop: deliver_email(deps, stop)
+
+
 host_option = click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 port_option = click.option("--port", default=8000, show_default=True, envvar="PORT", help="Port to listen on.")
 
@@ -134,15 +146,28 @@ async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}, API on http://{host}:{port}/api/v1/docs")
     click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
     await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _scheduler(deps), _webhooks(deps),
-                         _slack(deps), _slack_socket(deps))  # fmt: skip
+                         _slack(deps), _slack_socket(deps), _email(deps), _email_delivery(deps))  # fmt: skip
 
 
 @cli.command()
 @with_deps()
 async def worker(deps: Deps) -> None:
-    """Run one agent worker, delivering webhooks and Slack messages too (start as many as you like)."""
+    """Run one agent worker, delivering webhooks, Slack messages and mail too (start as many as you like)."""
     logging.getLogger("bot").setLevel(logging.INFO)
-    await _until_stopped(*_workers(deps, 1), _webhooks(deps), _slack(deps))
+    await _until_stopped(*_workers(deps, 1), _webhooks(deps), _slack(deps), _email_delivery(deps))
+
+
+@cli.command()
+@with_deps()
+async def email(deps: Deps) -> None:
+    """Watch the mailbox (IMAP_* settings): each new mail becomes a message, a reply or a decision."""
+    from channels.email.settings import EmailSettings
+
+    if EmailSettings.from_env() is None:
+        raise click.ClickException("email is not configured: set IMAP_HOST, IMAP_USER, IMAP_PASSWORD, SMTP_HOST, "
+                                   "EMAIL_ADDRESS, HANDRAIL_PUBLIC_URL and HANDRAIL_LINK_SECRET (see README)")
+    logging.getLogger("channels").setLevel(logging.INFO)
+    await _until_stopped(_email(deps))
 
 
 @cli.command()

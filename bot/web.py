@@ -1,5 +1,5 @@
-"""The web process, assembled: REST API, signed inbound webhooks, Slack (when configured), health. Wiring layer,
-like bot/cli.py.
+"""The web process, assembled: REST API, signed inbound webhooks, Slack and email links (when configured), health.
+Wiring layer, like bot/cli.py.
 
 The routes live with their channels; this module only knows which ones exist.
 """
@@ -82,6 +82,13 @@ def create_app(deps: Deps) -> FastAPI:
         from channels.slack.app import router as slack_router
 
         app.include_router(slack_router(deps, slack))
+    from channels.email.settings import EmailSettings
+
+    email = EmailSettings.from_env()
+    if email is not None:  # the confirm pages of decision links, only where email is configured
+        from channels.email.links import router as email_router
+
+        app.include_router(email_router(deps, email))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, bool]:

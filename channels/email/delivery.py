@@ -1,0 +1,185 @@
+"""Email outbound: the ``email`` outbox sent over SMTP (aiosmtplib), retried by OutboxConsumer, never dropped.
+
+Every mail gets a Message-ID derived from the outbox message (a retry re-sends the same Message-ID), In-Reply-To
+and References from the thread's mail so far, and a plus-address Reply-To carrying the thread's token — or, for an
+approval request, that request's token, which a decision by reply must carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import uuid
+from email.message import EmailMessage
+
+import aiosmtplib
+
+from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt
+from bot.runtime import Deps
+from channels.email import links
+from channels.email.mime import compose
+from channels.email.settings import EmailSettings
+
+log = logging.getLogger(__name__)
+
+KIND = "email"
+MAX_ATTEMPTS = 12
+BASE_DELAY = 0.5
+LEASE_MS = 15_000
+REFS_KEPT = 20
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def refs_key(deps: Deps, thread_id: str) -> str:
+    """The thread's Message-IDs, oldest first: the References of the next mail."""
+    return f"{deps.keys.ns}:{{t:{thread_id}}}:email:refs"
+
+
+def msgid_key(deps: Deps, message_id: str) -> str:
+    """Which thread a Message-ID (ours or a sender's) belongs to."""
+    return f"{deps.keys.ns}:email:mid:{message_id.lower()}"
+
+
+def approval_mail_key(deps: Deps, message_id: str) -> str:
+    """Marks a Message-ID as one of our approval requests (a reply to it without its token is refused)."""
+    return f"{deps.keys.ns}:email:amid:{message_id.lower()}"
+
+
+async def remember(deps: Deps, thread_id: str, message_id: str) -> None:
+    pipe = deps.redis.pipeline(transaction=True)
+    pipe.set(msgid_key(deps, message_id), thread_id, ex=links.TOKEN_TTL)
+    pipe.rpush(refs_key(deps, thread_id), message_id)
+    pipe.ltrim(refs_key(deps, thread_id), -REFS_KEPT, -1)
+    await pipe.execute()
+
+
+def _subject(subject: str) -> str:
+    subject = subject or "Your message to Handrail"
+    return subject if subject.lower().startswith("re:") else f"Re: {subject}"
+
+
+def _approval_text(settings: EmailSettings, msg: Outbound, approver: str) -> str:
+    assert msg.approval is not None
+    args = "\n".join(f"    {k}: {json.dumps(v, ensure_ascii=False)}" for k, v in msg.approval["args"].items())
+    reason = f"\nWhy: {msg.approval['reason']}\n" if msg.approval.get("reason") else ""
+    text = f"Approval needed to run {msg.approval['tool']} with:\n{args}\n{reason}\n"
+    text += 'To decide, reply with "approve" or "reject: <reason>" on the first line.\n'
+    if approver:
+        import time
+
+        expires = int(time.time()) + settings.link_ttl
+        yes = links.url(settings, links.Link(msg.approval["id"], approver, True, expires))
+        no = links.url(settings, links.Link(msg.approval["id"], approver, False, expires))
+        text += f"\nOr open a link (it asks you to confirm):\n  Approve: {yes}\n  Reject:  {no}\n"
+    return text
+
+
+async def build(deps: Deps, settings: EmailSettings, msg: Outbound) -> list[EmailMessage]:
+    """The mails one outbox message becomes (an approval request: one per email approver, each with own links)."""
+    extra = msg.ref.model_extra or {}
+    refs = [r.decode() for r in await deps.redis.lrange(refs_key(deps, msg.thread_id), 0, -1)]
+    in_reply_to = str(extra.get("message_id") or "")
+    last_in = await deps.redis.get(f"{refs_key(deps, msg.thread_id)}:last_in")
+    if last_in is not None:
+        in_reply_to = last_in.decode()
+    subject = _subject(str(extra.get("subject") or ""))
+    reply_to = settings.plus(await links.thread_token(deps, settings, msg.thread_id))
+    if extra.get("notice"):  # a note about one mail (why it was not a decision): threaded to that mail only
+        in_reply_to, refs, reply_to = str(extra.get("message_id") or ""), [], settings.address
+    targets: list[tuple[str, str]] = [(msg.ref.address, "")]  # (address, approver identity for links)
+    if msg.kind == "approval_request" and msg.approval:
+        reply_to = settings.plus(await links.approval_token(deps, settings, msg.approval["id"]))
+        approvers = [a for a in msg.approval.get("approvers", []) if a.startswith(f"{KIND}:") and "*" not in a]
+        targets = [(a.split(":", 1)[1], a) for a in approvers] or targets
+    mails = []
+    for i, (address, approver) in enumerate(targets):
+        text = _approval_text(settings, msg, approver) if msg.kind == "approval_request" and msg.approval else msg.text
+        if msg.kind == "error":
+            text = f"Something went wrong: {text}"
+        mails.append(compose(
+            sender=settings.address, to=[address], subject=subject, text=text,
+            message_id=f"<{msg.id}.{i}.{msg.thread_id}@{settings.domain}>", reply_to=reply_to,
+            in_reply_to=in_reply_to, references=[*refs[-REFS_KEPT:]] if refs else None,
+        ))  # fmt: skip
+    return mails
+
+
+def sender(deps: Deps, settings: EmailSettings) -> Deliver:
+    """The Deliver function for the ``email`` outbox."""
+
+    async def deliver(msg: Outbound) -> Receipt | None:
+        if msg.ref.kind != KIND or not msg.ref.address:
+            return None
+        mails = await build(deps, settings, msg)
+        for mail in mails:
+            await remember(deps, msg.thread_id, str(mail["Message-ID"]))
+            if msg.kind == "approval_request":
+                await deps.redis.set(approval_mail_key(deps, str(mail["Message-ID"])), 1, ex=links.TOKEN_TTL)
+            try:
+                await aiosmtplib.send(
+                    mail, hostname=settings.smtp_host, port=settings.smtp_port,
+                    username=settings.smtp_user or None, password=settings.smtp_password or None,
+                    start_tls=settings.smtp_starttls, timeout=settings.timeout,
+                )  # fmt: skip
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                # the message never names the password: aiosmtplib does not put it there
+                where = f"{settings.smtp_host}:{settings.smtp_port}"
+                raise RuntimeError(f"smtp {where}: {type(exc).__name__}: {exc}") from None
+        return Receipt(channel_id=str(mails[0]["Message-ID"]))
+
+    return deliver
+
+
+async def deliver_email(
+    deps: Deps, stop: asyncio.Event, *, settings: EmailSettings | None = None, max_attempts: int = MAX_ATTEMPTS,
+    base_delay: float = BASE_DELAY,
+) -> None:  # fmt: skip
+    """Deliver the ``email`` outbox until ``stop`` (idle when email is not configured); one process at a time."""
+    settings = settings or EmailSettings.from_env()
+    if settings is None:
+        await stop.wait()
+        return
+    consumer = OutboxConsumer(
+        deps.redis, deps.keys, KIND, sender(deps, settings), consumer="deliverer",
+        max_attempts=max_attempts, base_delay=base_delay, claim_idle_ms=0,
+    )  # fmt: skip
+    me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    lease = f"{consumer.stream}:lease"
+    while not stop.is_set():
+        try:
+            if await deps.redis.set(lease, me, nx=True, px=LEASE_MS):
+                await _lead(deps, consumer, lease, me, stop)
+        except Exception:
+            log.exception("email delivery stopped; trying again")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), LEASE_MS / 3000)
+
+
+async def _lead(deps: Deps, consumer: OutboxConsumer, lease: str, me: str, stop: asyncio.Event) -> None:
+    await consumer.ensure_group()
+
+    async def pump() -> None:
+        while True:
+            await consumer.run_once(block_ms=200)
+
+    pumping, stopping = asyncio.create_task(pump()), asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            await asyncio.wait({pumping, stopping}, timeout=LEASE_MS / 3000, return_when=asyncio.FIRST_COMPLETED)
+            if pumping.done():
+                pumping.result()
+            if not stop.is_set() and not await deps.redis.eval(_RENEW, 1, lease, me, LEASE_MS):
+                log.warning("email delivery lease moved to another process")
+                return
+    finally:
+        stopping.cancel()
+        while not pumping.done():
+            pumping.cancel()
+            await asyncio.wait({pumping}, timeout=0.5)
+        await asyncio.gather(pumping, stopping, return_exceptions=True)
+        await deps.redis.eval(_RELEASE, 1, lease, me)

@@ -1,0 +1,395 @@
+"""Email end to end: a real Dovecot (IMAP, LMTP), a real SMTP server relaying into it, the watcher, a worker,
+the SMTP deliverer and the web app's decision links. Nothing is faked but DNS (for DKIM keys)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import dkim
+import pytest
+
+from bot import approvals, control, threads
+from bot.runtime import Deps
+from bot.threads import Status, Thread
+from channels.email import links
+from channels.email.delivery import deliver_email
+from channels.email.settings import EmailSettings
+from channels.email.watcher import Watcher
+from tests.conftest import status_is, wait_for, web_client
+from tests.mail_servers import DOMAIN, PASSWORD, Dovecot, Relay, dovecot, smtp_relay
+
+# A throwaway key for the tests' own DKIM signatures (published to the injected DNS below), never used elsewhere.
+DKIM_KEY = b"""-----BEGIN RSA PRIVATE KEY-----
+MIICWwIBAAKBgQDCeiZ/jOZUkEe0uYUa35OgsQtJ9wHOwAy7xgUqPbLF8O3yuevg
+Vg+/NbucxsEuSLgZ29p79fFu3mN+pzNpOq2StmAOd4MuYxpCUuFTn52hdUsjHIqC
+Hfpeg6+23ZqblRNY78FGC9U0QFBvMcIfE0CE6Rk0X2URs5V6nmKYtc61TwIDAQAB
+AoGAIYIid/+zAAcME9uTT5oOObXHmCrzKMh2aTQpV6nhz7E/jn7yYWjytaNwfAbS
+6kKlVe9HqewqeUvgIMZ2WT8/AKdxkLAnAiNYkGhjoWWbe20ipYl5sw0z4kr2lWbj
+9THBkJhXUhpsWpQwYpcldVKdqwadcsUnQS5Z7MkDR7mSdiECQQDnwIgDggMm02+V
+k7WqJ63DZk86DCvPHrIcffdBV8dezWLJ/3byR2NC6ySR9XzNb10gUWBpLCiXBhda
+BO/Ho7rrAkEA1tM2P/WCa3YqaLHIMHnT8Q2qWU5xuCp9Ltwig0rOpDXEOm9Sdf7g
+TZVhqyI6h2d4wiZhMB+OkqaIG9QqreoOLQJAbRTLMFN+pkS47b+Dr15TxHggbGMU
+L73z+cM0oRXu6mljyU4sL2d4iiPhp63Tm2KCg9apuXcmd8dPMHjIX8BqFwJAOowD
+m/jIG4tv0WqqWXPKbEbCJ2a2nW+PAGdkTI3ltWEl4psWSSw2a06L+LzyYJa1lYwq
+LphbHeKe856mJxHD3QJAahRxVVOaBGNZk3e+GX/6KvwXCZst5GTiduIk3/WpMc57
+Rp5pVGrIfjfE8+nL/KcTq57zQU+vBDhUHgrE2XcFWg==
+-----END RSA PRIVATE KEY-----
+"""
+DKIM_PUBLIC = (
+    "MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQDCeiZ/jOZUkEe0uYUa35OgsQtJ9wHOwAy7xgUqPbLF8O3yuevgVg+/NbucxsEu"
+    "SLgZ29p79fFu3mN+pzNpOq2StmAOd4MuYxpCUuFTn52hdUsjHIqCHfpeg6+23ZqblRNY78FGC9U0QFBvMcIfE0CE6Rk0X2URs5V6"
+    "nmKYtc61TwIDAQAB"
+)
+SELECTOR = "test"
+BOT = f"bot@{DOMAIN}"
+BOB = f"bob@{DOMAIN}"
+ALICE = f"alice@{DOMAIN}"
+MALLORY = f"mallory@{DOMAIN}"
+
+
+def dns(name: bytes, timeout: int = 5) -> bytes | None:
+    """The injected DNS: example.org publishes the test key under selector "test"."""
+    if name.rstrip(b".") == f"{SELECTOR}._domainkey.{DOMAIN}".encode():
+        return f"v=DKIM1; k=rsa; p={DKIM_PUBLIC}".encode()
+    return None
+
+
+@dataclass
+class Rig:
+    deps: Deps
+    dovecot: Dovecot
+    relay: Relay
+    smtp_port: int
+    watcher: Watcher
+    settings: EmailSettings
+
+    async def send(
+        self, sender: str, to: str, text: str, *, subject: str = "Hello", headers: dict[str, str] | None = None,
+        sign: bool = True, from_header: str | None = None, tamper: bool = False,
+    ) -> str:  # fmt: skip
+        """Mail the bot through the real SMTP server; returns the Message-ID."""
+        msg = EmailMessage()
+        msg["From"] = from_header or sender
+        msg["To"] = to
+        msg["Subject"] = subject
+        msg["Message-ID"] = make_msgid(domain=DOMAIN)
+        for name, value in (headers or {}).items():
+            msg[name] = value
+        msg.set_content(text)
+        raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+        if sign:
+            raw = dkim.sign(raw, SELECTOR.encode(), DOMAIN.encode(), DKIM_KEY) + raw
+        if tamper:  # changed in transit, after signing
+            raw = raw.replace(b"approve", b"approve\r\nand more")
+        await aiosmtplib.send(raw, sender=sender, recipients=[to], hostname="127.0.0.1", port=self.smtp_port)
+        return str(msg["Message-ID"])
+
+    async def mails(self, to: str, count: int, timeout: float = 15.0) -> list[EmailMessage]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.relay.mails(to)
+            if len(got) >= count:
+                return got
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{to} got {len(self.relay.mails(to))} mails, not {count}:\n{self.dovecot.log()[-3000:]}")
+
+    async def handled(self, count: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.watcher.handled < count:
+            assert time.monotonic() < deadline, f"the watcher handled {self.watcher.handled} mails, not {count}"
+            await asyncio.sleep(0.05)
+
+    async def only_thread(self) -> Thread:
+        rows = [r for r in await control.list_threads(self.deps) if r.id.startswith("email-")]
+        assert len(rows) == 1, rows
+        return await threads.get(self.deps.redis, self.deps.keys, rows[0].id)
+
+
+@pytest.fixture
+async def mail(deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any) -> AsyncIterator[Rig]:
+    with tempfile.TemporaryDirectory(prefix="handrail-dovecot-") as tmp, dovecot(Path(tmp)) as server, \
+            smtp_relay(server.lmtp_port) as (relay, smtp_port):  # fmt: skip
+        env = {
+            "IMAP_HOST": "127.0.0.1", "IMAP_PORT": str(server.imap_port), "IMAP_SSL": "false", "IMAP_USER": BOT,
+            "IMAP_PASSWORD": PASSWORD, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port), "SMTP_STARTTLS": "no",
+            "EMAIL_ADDRESS": BOT, "HANDRAIL_PUBLIC_URL": "http://handrail.test", "HANDRAIL_LINK_SECRET": "link-test",
+            "EMAIL_DKIM_DOMAINS": DOMAIN, "EMAIL_TIMEOUT": "3", "EMAIL_POLL_SECONDS": "5",
+        }  # fmt: skip
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        settings = EmailSettings.from_env()
+        assert settings is not None
+        await start_worker()
+        watcher = Watcher(deps, settings, dns=dns)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(watcher.run(stop)),
+                 asyncio.create_task(deliver_email(deps, stop, settings=settings, base_delay=0.05))]  # fmt: skip
+        try:
+            yield Rig(deps, server, relay, smtp_port, watcher, settings)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 15)
+
+
+def count(thread: Thread, type_: str) -> int:
+    return sum(1 for e in thread.events if e.type == type_)
+
+
+def plus_token(mail: EmailMessage) -> str:
+    m = re.fullmatch(r"bot\+([a-z0-9]+)@example\.org", str(mail["Reply-To"]))
+    assert m, mail["Reply-To"]
+    return m.group(1)
+
+
+async def approval_mail(rig: Rig, text: str = "refund A100 25") -> tuple[Thread, EmailMessage]:
+    await rig.send(BOB, BOT, text, subject="Refund please")
+    [request] = await rig.mails(ALICE, 1)
+    thread = await wait_for(rig.deps, (await rig.only_thread()).id, status_is(Status.WAITING_APPROVAL))
+    return thread, request
+
+
+# -- conversations ----------------------------------------------------------------------------------------------
+
+
+async def test_a_mail_is_answered_in_its_thread_and_a_reply_continues_it(mail: Rig) -> None:
+    first = await mail.send(BOB, BOT, "hello", subject="Question")
+    [answer] = await mail.mails(BOB, 1)
+    thread = await mail.only_thread()
+    token = plus_token(answer)
+    headers = {k: str(answer[k]) for k in ("From", "To", "Subject", "In-Reply-To", "References", "Reply-To",
+                                           "Auto-Submitted")}  # fmt: skip
+    assert headers == {
+        "From": f"Handrail <{BOT}>", "To": BOB, "Subject": "Re: Question", "In-Reply-To": first,
+        "References": first, "Reply-To": f"bot+{token}@{DOMAIN}", "Auto-Submitted": "auto-generated",
+    }  # fmt: skip
+    assert re.fullmatch(rf"<[a-z0-9]+\.0\.{thread.id}@{DOMAIN}>", str(answer["Message-ID"]))
+    assert answer.get_content().strip().startswith("I can refund orders.")
+    # the reply (quoting the answer) lands in the same thread, with only its new text
+    threading = {"In-Reply-To": str(answer["Message-ID"]), "References": f"{first} {answer['Message-ID']}"}
+    second = await mail.send(BOB, BOT, "refund A101\n\nOn Monday, Handrail wrote:\n> I can refund orders.",
+                             subject="Re: Question", headers=threading)  # fmt: skip
+    thread = await wait_for(mail.deps, thread.id, status_is(Status.WAITING_APPROVAL))
+    said = [e.text for e in thread.events if e.type == "message.received"]  # type: ignore[union-attr]
+    assert said == ["hello", "refund A101"]
+    assert (await mail.only_thread()).id == thread.id
+    [request] = await mail.mails(ALICE, 1)
+    assert (request["In-Reply-To"], request["References"]) == (second, f"{first} {answer['Message-ID']} {second}")
+
+
+# -- approvals --------------------------------------------------------------------------------------------------
+
+
+async def test_an_approver_approves_by_reply_and_the_tool_runs_once(mail: Rig) -> None:
+    thread, request = await approval_mail(mail)
+    body = request.get_content()
+    assert 'order_id: "A100"' in body and "amount_cents: 2500" in body
+    assert 'reply with "approve" or "reject: <reason>"' in body
+    assert request["Reply-To"] == f"bot+{plus_token(request)}@{DOMAIN}" and plus_token(request).startswith("a")
+    await mail.send(ALICE, str(request["Reply-To"]), "Approve\n\n> Approval needed to run issue_refund",
+                    subject=f"Re: {request['Subject']}", headers={"In-Reply-To": str(request["Message-ID"])})
+    thread = await wait_for(mail.deps, thread.id, status_is(Status.DONE))
+    decided = next(e for e in thread.events if e.type == "approval.decided")
+    assert (decided.approved, decided.by) == (True, f"email:{ALICE}")  # type: ignore[union-attr]
+    assert count(thread, "tool.started") == 2 and count(thread, "tool.result") == 2  # lookup, then the refund once
+    confirmation, done = await mail.mails(BOB, 2)
+    assert confirmation.get_content().strip() == f"Approved by email:{ALICE}"
+    assert done.get_content().strip().startswith("Refunded $25.00 on order A100")
+
+
+async def test_a_rejection_by_reply_makes_the_agent_replan_with_the_reason(mail: Rig) -> None:
+    thread, request = await approval_mail(mail)
+    await mail.send(ALICE, str(request["Reply-To"]), "reject: already refunded by the bank\n\n> quoted",
+                    subject="Re: x")  # fmt: skip
+    thread = await wait_for(mail.deps, thread.id, status_is(Status.DONE))
+    assert count(thread, "tool.started") == 1  # the lookup only
+    _, reply = await mail.mails(BOB, 2)
+    assert reply.get_content().strip() == (
+        f"OK, I did not refund it. email:{ALICE} rejected the refund: already refunded by the bank"
+    )
+
+
+async def test_a_link_shows_a_confirm_page_and_decides_once_on_post(mail: Rig) -> None:
+    thread, request = await approval_mail(mail)
+    approve = re.search(r"Approve: http://handrail\.test(\S+)", request.get_content())
+    assert approve
+    path = approve.group(1)
+    token = path.split("t=", 1)[1]
+    async with web_client(mail.deps) as http:
+        page = await http.get(path)  # what a mail scanner does: nothing is decided
+        assert page.status_code == 200 and "Approve issue_refund?" in page.text and "method='post'" in page.text
+        assert (await approvals.get(mail.deps.redis, mail.deps.keys, thread.open_approval().approval_id)).state \
+            == "pending"  # type: ignore[union-attr]  # fmt: skip
+        tampered = token[:-2] + ("00" if not token.endswith("00") else "11")
+        assert (await http.post("/email/decide", data={"t": tampered})).status_code == 400
+        expired = links.sign(mail.settings, links.Link(thread.open_approval().approval_id,  # type: ignore[union-attr]
+                                                       f"email:{ALICE}", True, int(time.time()) - 1))
+        refused = await http.post("/email/decide", data={"t": expired})
+        assert refused.status_code == 400 and "expired" in refused.text
+        first = await http.post("/email/decide", data={"t": token})
+        assert first.status_code == 200 and "Recorded: approved" in first.text
+        again = await http.post("/email/decide", data={"t": token})
+        assert again.status_code == 409 and "lready" in again.text
+    thread = await wait_for(mail.deps, thread.id, status_is(Status.DONE))
+    assert count(thread, "approval.decided") == 1 and count(thread, "tool.result") == 2
+
+
+async def test_forged_broken_automatic_and_tokenless_replies_decide_nothing(mail: Rig) -> None:
+    thread, request = await approval_mail(mail)
+    reply_to = str(request["Reply-To"])
+    await mail.send(MALLORY, reply_to, "approve", from_header=ALICE, sign=False)  # spoofed From, no signature
+    await mail.send(ALICE, reply_to, "approve", tamper=True)  # the signature no longer verifies
+    await mail.send(ALICE, reply_to, "approve", headers={"Auto-Submitted": "auto-replied"})  # an auto-reply
+    await mail.send(ALICE, reply_to.replace("+a", "+b"), "approve")  # a tampered token
+    await mail.send(BOB, reply_to, "approve")  # not an approver
+    await mail.handled(6)
+    record = await approvals.get(mail.deps.redis, mail.deps.keys, thread.open_approval().approval_id)  # type: ignore[union-attr]
+    assert record.state == "pending"
+    thread = await threads.get(mail.deps.redis, mail.deps.keys, thread.id)
+    assert count(thread, "approval.decided") == 0 and thread.status is Status.WAITING_APPROVAL
+    # the genuine but invalid ones are told why; forged and automatic mail gets no answer
+    notes = await mail.mails(ALICE, 2)
+    assert [n.get_content().strip() for n in notes[1:]] == [
+        "Your reply was not taken as a decision: the reply's token is not valid."
+    ]
+    bob_notes = [m.get_content().strip() for m in await mail.mails(BOB, 1) if "not taken" in m.get_content()]
+    assert bob_notes == [f"Your reply was not taken as a decision: {BOB} is not one of this request's approvers."]
+    assert all(m["Auto-Submitted"] == "auto-generated" for m in mail.relay.mails(ALICE) + mail.relay.mails(BOB))
+
+
+# -- robustness -------------------------------------------------------------------------------------------------
+
+
+async def test_a_connection_dropped_during_idle_is_resumed_and_mail_is_handled_once(mail: Rig) -> None:
+    await mail.send(BOB, BOT, "hello")
+    await mail.mails(BOB, 1)
+    await asyncio.sleep(0.5)  # the watcher is in IDLE again
+    assert mail.watcher.connects == 1
+    mail.dovecot.kick(BOT)
+    await mail.send(BOB, BOT, "refund A101", subject="Another")
+    deadline = time.monotonic() + 20
+    while len(mail.relay.mails(ALICE)) < 1 or mail.watcher.connects < 2:
+        assert time.monotonic() < deadline, (mail.watcher.connects, mail.dovecot.log()[-2000:])
+        await asyncio.sleep(0.05)
+    rows = [r for r in await control.list_threads(mail.deps) if r.id.startswith("email-")]
+    assert len(rows) == 2
+    await asyncio.sleep(0.5)
+    assert mail.watcher.handled == 2 and len(mail.relay.mails(ALICE)) == 1
+
+
+async def test_bad_mail_never_stops_the_watcher(mail: Rig) -> None:
+    raw_mails = [
+        b"From: bob@example.org\r\nTo: bot@example.org\r\nSubject: broken\r\nContent-Type: multipart/mixed; "
+        b"boundary=\"nope\"\r\n\r\n--nope\r\nContent-Type: text/plain; charset=x-klingon\r\n\r\nqapla\r\n",
+        b"To: bot@example.org\r\nSubject: nobody\r\n\r\nno sender\r\n",
+        b"From: bob@example.org\r\nTo: bot@example.org\r\n\r\n",
+    ]
+    for raw in raw_mails:
+        signed = dkim.sign(raw, SELECTOR.encode(), DOMAIN.encode(), DKIM_KEY) + raw if b"From:" in raw else raw
+        await aiosmtplib.send(signed, sender=BOB, recipients=[BOT], hostname="127.0.0.1", port=mail.smtp_port)
+    await mail.send(BOB, BOT, "x" * 30_000, subject="huge")
+    await mail.handled(4)
+    rows = [r for r in await control.list_threads(mail.deps) if r.id.startswith("email-")]
+    texts = []
+    for r in rows:
+        t = await threads.get(mail.deps.redis, mail.deps.keys, r.id)
+        texts.append(next(e.text for e in t.events if e.type == "message.received"))  # type: ignore[union-attr]
+    assert len(rows) == 3  # the mail without a From is only logged
+    assert any("qapla" in t and "unknown charset 'x-klingon'" in t for t in texts)
+    assert any(t.startswith("(the mail had no text)") for t in texts)
+    assert any(t.startswith("x" * 20_000) and "cut at 20000 characters" in t for t in texts)
+
+
+async def test_a_mail_that_keeps_failing_is_dead_lettered_and_the_next_one_handled(
+    mail: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = mail.watcher.inbound.handle
+
+    async def failing(raw: bytes) -> Any:
+        if b"poison" in raw:
+            raise RuntimeError("cannot handle this one")
+        return await handle(raw)
+
+    monkeypatch.setattr(mail.watcher.inbound, "handle", failing)
+    await mail.send(BOB, BOT, "poison")
+    await mail.send(BOB, BOT, "hello", subject="After")
+    [answer] = await mail.mails(BOB, 1, timeout=20)
+    assert answer["Subject"] == "Re: After"
+    [(_, dead)] = await mail.deps.bus.dead_letters()
+    assert "could not be handled (3 tries" in dead["error"] and mail.watcher.connects == 3
+    monkeypatch.setattr(mail.watcher.inbound, "handle", handle)  # fixed: `handrail dlq retry` hands it over again
+    dlq_id = (await mail.deps.bus.dead_letters())[0][0]
+    await mail.deps.bus.retry_dead_letter(dlq_id)
+    await mail.send(BOB, BOT, "nudge", subject="Nudge")  # the retry is picked up at the next sync
+    await mail.mails(BOB, 3, timeout=20)
+    assert sorted(str(m["Subject"]) for m in mail.relay.mails(BOB)) == ["Re: After", "Re: Hello", "Re: Nudge"]
+
+
+def test_handrail_email_without_settings_says_what_to_set(env_for: Any) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in env_for().items() if not k.startswith(("IMAP_", "SMTP_", "EMAIL_", "HANDRAIL_LINK"))}
+    done = subprocess.run([sys.executable, "-m", "bot.cli", "email"], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 1 and "email is not configured: set IMAP_HOST" in done.stderr
+
+
+# -- pieces -----------------------------------------------------------------------------------------------------
+
+
+def test_settings_are_all_or_nothing_and_keep_secrets_out_of_repr() -> None:
+    from bot.errors import ConfigError
+
+    assert EmailSettings.from_env({}) is None
+    with pytest.raises(ConfigError, match="IMAP_USER"):
+        EmailSettings.from_env({"IMAP_HOST": "imap.example.com"})
+    full = {"IMAP_HOST": "imap.example.com", "IMAP_USER": "bot@example.com", "IMAP_PASSWORD": "imap-secret-pw",
+            "SMTP_HOST": "smtp.example.com", "SMTP_PASSWORD": "smtp-secret-pw", "EMAIL_ADDRESS": "bot@example.com",
+            "HANDRAIL_PUBLIC_URL": "https://h.example.com/", "HANDRAIL_LINK_SECRET": "link-secret-value"}  # fmt: skip
+    settings = EmailSettings.from_env(full)
+    assert settings is not None and settings.public_url == "https://h.example.com" and settings.imap_port == 993
+    assert not any(secret in repr(settings) for secret in ("imap-secret-pw", "smtp-secret-pw", "link-secret-value"))
+
+
+def test_the_first_line_of_a_reply_is_the_decision() -> None:
+    from channels.email.inbound import verdict
+
+    assert verdict("Approve\n\n> quoted") == (True, "")
+    assert verdict("reject: too much\nthanks") == (False, "too much")
+    assert verdict("I approve of your hat") is None
+    assert verdict("") is None
+
+
+def test_html_only_mail_is_read_as_text_without_its_quoted_history() -> None:
+    from channels.email.mime import parse
+
+    raw = (b"From: Bob <Bob@Example.org>\r\nTo: bot@example.org\r\nMessage-ID: <h1@example.org>\r\n"
+           b"Content-Type: text/html; charset=utf-8\r\n\r\n<p>refund A100</p><div>On Monday, Handrail wrote:</div>"
+           b"<blockquote>&gt; earlier</blockquote>")  # fmt: skip
+    mail = parse(raw, "bot@example.org")
+    assert (mail.sender, mail.message_id, mail.text, mail.automatic) == ("bob@example.org", "<h1@example.org>",
+                                                                          "refund A100", "")  # fmt: skip
+    bounce = parse(b"From: MAILER-DAEMON@example.org\r\nReturn-Path: <>\r\n\r\nfailed", "bot@example.org")
+    assert bounce.automatic == "null Return-Path (a bounce)"
+
+
+async def test_an_approvers_reply_without_the_token_is_told_to_reply_to_the_request(mail: Rig) -> None:
+    """A mail client that ignores Reply-To sends to the bare address: no decision, and the approver is told why."""
+    thread, request = await approval_mail(mail)
+    await mail.send(ALICE, BOT, "approve", subject="Re: x", headers={"In-Reply-To": str(request["Message-ID"])})
+    _, note = await mail.mails(ALICE, 2)
+    assert note.get_content().strip() == ("Your reply was not taken as a decision: the reply does not carry this "
+                                          "request's token (reply to the approval mail itself).")  # fmt: skip
+    assert note["In-Reply-To"] is not None and note["Reply-To"] == BOT
+    thread = await threads.get(mail.deps.redis, mail.deps.keys, thread.id)
+    assert thread.status is Status.WAITING_APPROVAL and count(thread, "approval.decided") == 0
