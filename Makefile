@@ -17,8 +17,7 @@ run: install  ## run Handrail (all processes in one; embedded Redis when REDIS_U
 	$(BIN)/handrail up
 
 test: install  ## run the test suite (a real Redis: REDIS_URL, else an embedded one; Dovecot for the email tests)
-	@test -x /usr/sbin/dovecot || command -v dovecot >/dev/null || { echo "The email tests need Dovecot:" \
-	  "sudo apt-get install dovecot-imapd dovecot-lmtpd (then: sudo systemctl disable --now dovecot)"; exit 1; }
+	@bash .ci/install-dovecot
 	$(BIN)/pytest
 
 bench: install  ## drive full approval cycles and print throughput, latency and memory figures
