@@ -164,8 +164,10 @@ async def email(deps: Deps) -> None:
     from channels.email.settings import EmailSettings
 
     if EmailSettings.from_env() is None:
-        raise click.ClickException("email is not configured: set IMAP_HOST, IMAP_USER, IMAP_PASSWORD, SMTP_HOST, "
-                                   "EMAIL_ADDRESS, HANDRAIL_PUBLIC_URL and HANDRAIL_LINK_SECRET (see README)")
+        raise click.ClickException(
+            "email is not configured: set IMAP_HOST, IMAP_USER, IMAP_PASSWORD, SMTP_HOST, "
+            "EMAIL_ADDRESS, HANDRAIL_PUBLIC_URL and HANDRAIL_LINK_SECRET (see README)"
+        )
     logging.getLogger("channels").setLevel(logging.INFO)
     await _until_stopped(_email(deps))
 

@@ -7,7 +7,11 @@ Message-ID) which is kept so a later update can find the message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -22,6 +26,9 @@ from bot.keys import Keys
 log = logging.getLogger(__name__)
 
 OUTBOX_GROUP = "delivery"
+LEASE_MS = 15_000  # how soon a dead deliverer's outbox moves to another process
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 OUTBOX_MAXLEN = 100_000
 
 
@@ -155,6 +162,46 @@ class OutboxConsumer:
         await self.ensure_group()
         while not stop.is_set():
             await self.run_once(block_ms=200)
+
+    async def run_exclusive(self, stop: asyncio.Event, *, lease_ms: int = LEASE_MS) -> None:
+        """Deliver until ``stop``, but only while this process holds the outbox's lease: one deliverer at a
+        time keeps a channel's messages in order (a card update never overtakes its card), and a dead holder's
+        outbox moves to another process within ``lease_ms``."""
+        me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        lease = f"{self.stream}:lease"
+        while not stop.is_set():
+            try:
+                if await self.redis.set(lease, me, nx=True, px=lease_ms):
+                    await self._lead(lease, me, stop, lease_ms)
+            except Exception:  # a Redis hiccup or a delivery bug: log, breathe, go on; what was read stays pending
+                log.exception("delivery of %s stopped; trying again", self.stream)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), lease_ms / 3000)
+
+    async def _lead(self, lease: str, me: str, stop: asyncio.Event, lease_ms: int) -> None:
+        await self.ensure_group()
+
+        async def pump() -> None:
+            while True:
+                await self.run_once(block_ms=200)
+
+        # stop is watched beside the pump: a delivery waiting out a backoff must not hold up shutdown
+        pumping, stopping = asyncio.create_task(pump()), asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                await asyncio.wait({pumping, stopping}, timeout=lease_ms / 3000, return_when=asyncio.FIRST_COMPLETED)
+                if pumping.done():
+                    pumping.result()  # its failure, to be logged
+                if not stop.is_set() and not await self.redis.eval(_RENEW, 1, lease, me, lease_ms):
+                    log.warning("delivery lease %s moved to another process", lease)
+                    return
+        finally:
+            stopping.cancel()
+            while not pumping.done():  # insist: redis-py can swallow a cancel that lands while it reconnects
+                pumping.cancel()
+                await asyncio.wait({pumping}, timeout=0.5)
+            await asyncio.gather(pumping, stopping, return_exceptions=True)  # a cut-off delivery stays pending
+            await self.redis.eval(_RELEASE, 1, lease, me)
 
     async def close(self) -> None:
         """Remove this consumer's group (for short-lived consumers such as a chat session)."""

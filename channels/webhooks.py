@@ -38,9 +38,7 @@ import json
 import logging
 import os
 import re
-import socket
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,11 +59,8 @@ TOLERANCE = 300  # seconds a signature stays valid: bounds how late a captured r
 MAX_ATTEMPTS = 10
 BASE_DELAY = 0.5
 TIMEOUT = 10.0
-LEASE_MS = 15_000  # a dead deliverer's subscribers move to another process after this long
 TEXT_CAP = 8 * 1024  # bytes of payload shown to the agent
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # what may go into a thread id as is (else it is hashed)
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 # -- signing -----------------------------------------------------------------------------------------------------
@@ -170,7 +165,6 @@ async def deliver_all(
     if not subscribers:
         await stop.wait()
         return
-    me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     async with contextlib.AsyncExitStack() as clients:
         runs = []
         for name, spec in subscribers.items():
@@ -180,47 +174,8 @@ async def deliver_all(
                 group="webhook", consumer="deliverer", max_attempts=max_attempts, base_delay=base_delay,
                 claim_idle_ms=0,  # only the lease holder reads, so whatever is pending was left by a dead one
             )  # fmt: skip
-            runs.append(_serve(deps, name, consumer, me, stop))
+            runs.append(consumer.run_exclusive(stop))  # one deliverer per subscriber keeps its events in order
         await asyncio.gather(*runs)
-
-
-async def _serve(deps: Deps, name: str, consumer: OutboxConsumer, me: str, stop: asyncio.Event) -> None:
-    """Deliver to one subscriber whenever this process holds its lease; a failure is logged, never spread."""
-    lease = f"{consumer.stream}:lease"
-    while not stop.is_set():
-        try:
-            if await deps.redis.set(lease, me, nx=True, px=LEASE_MS):
-                await _lead(deps, consumer, lease, me, stop)
-        except Exception:
-            log.exception("webhook %s: delivery stopped; trying again", name)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), LEASE_MS / 3000)
-
-
-async def _lead(deps: Deps, consumer: OutboxConsumer, lease: str, me: str, stop: asyncio.Event) -> None:
-    await consumer.ensure_group()
-
-    async def pump() -> None:
-        while True:
-            await consumer.run_once(block_ms=200)
-
-    # stop is watched beside the pump: a delivery waiting out a backoff must not hold up shutdown
-    pumping, stopping = asyncio.create_task(pump()), asyncio.create_task(stop.wait())
-    try:
-        while not stop.is_set():
-            await asyncio.wait({pumping, stopping}, timeout=LEASE_MS / 3000, return_when=asyncio.FIRST_COMPLETED)
-            if pumping.done():
-                pumping.result()  # its failure, to be logged
-            if not stop.is_set() and not await deps.redis.eval(_RENEW, 1, lease, me, LEASE_MS):
-                log.warning("webhook lease %s moved to another process", lease)
-                return
-    finally:
-        stopping.cancel()
-        while not pumping.done():  # insist: redis-py 8.1 can swallow a cancel that lands while it reconnects
-            pumping.cancel()
-            await asyncio.wait({pumping}, timeout=0.5)
-        await asyncio.gather(pumping, stopping, return_exceptions=True)  # a cut-off delivery stays pending
-        await deps.redis.eval(_RELEASE, 1, lease, me)
 
 
 # -- inbound -----------------------------------------------------------------------------------------------------

@@ -8,12 +8,8 @@ approval request, that request's token, which a decision by reply must carry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import socket
-import uuid
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -29,10 +25,7 @@ log = logging.getLogger(__name__)
 KIND = "email"
 MAX_ATTEMPTS = 12
 BASE_DELAY = 0.5
-LEASE_MS = 15_000
 REFS_KEPT = 20
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def refs_key(deps: Deps, thread_id: str) -> str:
@@ -148,38 +141,4 @@ async def deliver_email(
         deps.redis, deps.keys, KIND, sender(deps, settings), consumer="deliverer",
         max_attempts=max_attempts, base_delay=base_delay, claim_idle_ms=0,
     )  # fmt: skip
-    me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    lease = f"{consumer.stream}:lease"
-    while not stop.is_set():
-        try:
-            if await deps.redis.set(lease, me, nx=True, px=LEASE_MS):
-                await _lead(deps, consumer, lease, me, stop)
-        except Exception:
-            log.exception("email delivery stopped; trying again")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), LEASE_MS / 3000)
-
-
-async def _lead(deps: Deps, consumer: OutboxConsumer, lease: str, me: str, stop: asyncio.Event) -> None:
-    await consumer.ensure_group()
-
-    async def pump() -> None:
-        while True:
-            await consumer.run_once(block_ms=200)
-
-    pumping, stopping = asyncio.create_task(pump()), asyncio.create_task(stop.wait())
-    try:
-        while not stop.is_set():
-            await asyncio.wait({pumping, stopping}, timeout=LEASE_MS / 3000, return_when=asyncio.FIRST_COMPLETED)
-            if pumping.done():
-                pumping.result()
-            if not stop.is_set() and not await deps.redis.eval(_RENEW, 1, lease, me, LEASE_MS):
-                log.warning("email delivery lease moved to another process")
-                return
-    finally:
-        stopping.cancel()
-        while not pumping.done():
-            pumping.cancel()
-            await asyncio.wait({pumping}, timeout=0.5)
-        await asyncio.gather(pumping, stopping, return_exceptions=True)
-        await deps.redis.eval(_RELEASE, 1, lease, me)
+    await consumer.run_exclusive(stop)

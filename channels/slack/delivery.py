@@ -8,11 +8,7 @@ message sent is kept as its receipt, so a decision later finds its approval card
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
-import uuid
 from typing import Any
 
 import aiohttp
@@ -31,9 +27,6 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 12  # with the backoff below: about ten minutes of Slack being down before a dead letter
 BASE_DELAY = 0.5
-LEASE_MS = 15_000  # a dead deliverer's outbox moves to another process after this long
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 class DeliveryFailed(Exception):
@@ -112,7 +105,7 @@ async def deliver_slack(
     """Deliver the ``slack`` outbox until ``stop`` (idle when Slack is not configured).
 
     One process at a time delivers (a lease), so a thread's messages go out in order and a decision never
-    overtakes the card it updates; another process takes over within LEASE_MS of the holder's death.
+    overtakes the card it updates (see OutboxConsumer.run_exclusive).
     """
     settings = settings or SlackSettings.from_env()
     if settings is None:
@@ -123,39 +116,4 @@ async def deliver_slack(
         max_attempts=max_attempts, base_delay=base_delay,
         claim_idle_ms=0,  # only the lease holder reads, so whatever is pending was left by a dead one
     )  # fmt: skip
-    me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    lease = f"{consumer.stream}:lease"
-    while not stop.is_set():
-        try:
-            if await deps.redis.set(lease, me, nx=True, px=LEASE_MS):
-                await _lead(deps, consumer, lease, me, stop)
-        except Exception:  # Redis hiccup: log, breathe, go on; what was read stays pending
-            log.exception("slack delivery stopped; trying again")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), LEASE_MS / 3000)
-
-
-async def _lead(deps: Deps, consumer: OutboxConsumer, lease: str, me: str, stop: asyncio.Event) -> None:
-    await consumer.ensure_group()
-
-    async def pump() -> None:
-        while True:
-            await consumer.run_once(block_ms=200)
-
-    # stop is watched beside the pump: a delivery waiting out a Retry-After must not hold up shutdown
-    pumping, stopping = asyncio.create_task(pump()), asyncio.create_task(stop.wait())
-    try:
-        while not stop.is_set():
-            await asyncio.wait({pumping, stopping}, timeout=LEASE_MS / 3000, return_when=asyncio.FIRST_COMPLETED)
-            if pumping.done():
-                pumping.result()  # its failure, to be logged
-            if not stop.is_set() and not await deps.redis.eval(_RENEW, 1, lease, me, LEASE_MS):
-                log.warning("slack delivery lease moved to another process")
-                return
-    finally:
-        stopping.cancel()
-        while not pumping.done():  # insist: redis-py can swallow a cancel that lands while it reconnects
-            pumping.cancel()
-            await asyncio.wait({pumping}, timeout=0.5)
-        await asyncio.gather(pumping, stopping, return_exceptions=True)  # a cut-off delivery stays pending
-        await deps.redis.eval(_RELEASE, 1, lease, me)
+    await consumer.run_exclusive(stop)
