@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -46,3 +48,9 @@ def bench_desk(events: Sequence[Event]) -> Step:
         r = last.result
         return SendReply(f"Refunded ${r['amount_cents'] / 100:.2f} on order {r['order_id']} ({r['refund_id']}).")
     return SendReply("Tell me which order to refund, e.g. 'refund A1234 500'.")
+
+
+async def slow_model(events: Sequence[Event]) -> Step:
+    """A scripted model that takes BENCH_MODEL_SECONDS (default 1 s) per call, then replies."""
+    await asyncio.sleep(float(os.environ.get("BENCH_MODEL_SECONDS", "1")))
+    return SendReply("noted")

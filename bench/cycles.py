@@ -4,11 +4,13 @@ A cycle is: message in (control.launch / control.send onto the inbound stream) -
 requested (outbox) -> decision in (control.decide) -> tool runs -> reply out (outbox). The agent
 (bench/agent.py) is deterministic and its tool instant, so everything timed is Handrail and Redis.
 
-Three figures, each against its target:
+Four figures, each against its target:
   1. throughput: cycles/s of ONE worker process with many threads in flight (closed loop);
   2. latency: per inbound event, published -> the worker's last commit for it, at a fixed offered rate
      (open loop: the schedule does not wait for the worker);
-  3. memory: Redis bytes per thread paused on an approval, per thread key and as the used_memory delta / N.
+  3. memory: Redis bytes per thread paused on an approval, per thread key and as the used_memory delta / N;
+  4. slow model: model steps/s of ONE worker process when each model call takes 1 s and hundreds of threads are
+     in flight, and how long a thread that is ready waits beyond its own model call (closed loop).
 
 Each phase runs in its own namespace with its own worker process, and deletes its keys when done.
 Run: .venv/bin/python -m bench.cycles [--quick]
@@ -56,6 +58,9 @@ WAIT_S = 30.0  # longest a driver waits for one outbox message before declaring 
 TARGET_CYCLES_PER_S = 500.0
 TARGET_P50_MS, TARGET_P99_MS = 2.0, 10.0
 TARGET_BYTES_PER_THREAD = 8 * 1024
+TARGET_SLOW_STEPS_PER_S = 300.0
+TARGET_READY_WAIT_P99_S = 1.5
+SLOW_AGENT = "bench-model"
 
 
 T = TypeVar("T")
@@ -88,9 +93,11 @@ class Options:
     strict: bool
     keep_keys: bool
     seed: int
+    slow_threads: int = 400
+    model_seconds: float = 1.0
 
 
-PHASES = ("throughput", "latency", "memory")
+PHASES = ("throughput", "latency", "memory", "slow")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -143,6 +150,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="write the latency phase's per-event times (published, handling began, committed, outbox read; "
         "seconds since the window opened) to CSV",
     )
+    p.add_argument("--slow-threads", type=int, help="threads in flight, slow-model phase (default 400, quick 100)")
+    p.add_argument("--model-seconds", type=float, default=1.0, help="how long each model call takes (slow phase)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--keep-keys", action="store_true", help="leave the namespaces' keys in Redis (for debugging)")
     p.add_argument("--seed", type=int, default=1, help="seed for the generated messages")
@@ -171,6 +180,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         strict=a.strict,
         keep_keys=a.keep_keys,
         seed=a.seed,
+        slow_threads=max(1, a.slow_threads if a.slow_threads is not None else (100 if a.quick else 400)),
+        model_seconds=max(0.0, a.model_seconds),
     )
 
 
@@ -355,7 +366,7 @@ async def open_deps(opts: Options, ns: str) -> AsyncIterator[Deps]:
     """bot.runtime.open_deps, but with a connection pool sized for the driver's concurrency: the runtime's
     client (bot.connections.connect) gets redis-py's default pool, which refuses a 101st connection."""
     s = settings(opts, ns)
-    client = aioredis.Redis.from_url(opts.redis_url, max_connections=opts.concurrency + 100)
+    client = aioredis.Redis.from_url(opts.redis_url, max_connections=max(opts.concurrency, opts.slow_threads) + 100)
     try:
         keys = Keys(s.namespace, s.partitions)
         bus = Bus(client, keys)
@@ -590,6 +601,69 @@ async def throughput(opts: Options, ns: str) -> Throughput:
         await finish([reader], 5.0)
     cycles = sum(1 for t in done_at if t0 <= t < t1)
     return Throughput(cycles / (t1 - t0), cycles, t1 - t0, cpu, worker.problems(), worker.log_path)
+
+
+# -- 4. a slow model ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlowModel:
+    steps_per_s: float
+    steps: int
+    window: float
+    wait_ms: tuple[float, float, float]  # p50, p99, max of a ready thread's wait beyond its own model call
+    cpu: str
+    worker_problems: int
+    worker_log: Path
+
+
+async def slow_model(opts: Options, ns: str) -> SlowModel:
+    """Closed loop: ``slow_threads`` threads each send a message and wait for the answer, which takes a model
+    call of ``model_seconds``; a worker that runs threads side by side keeps all of them waiting on the model."""
+    say(f"[slow model] {opts.slow_threads} threads in flight, {opts.model_seconds:g}s per model call, "
+        f"{opts.warmup:g}s warm-up + {opts.duration:g}s measured ...")  # fmt: skip
+    os.environ["BENCH_MODEL_SECONDS"] = str(opts.model_seconds)  # the worker process inherits it
+    worker = WorkerProcess(opts, ns)
+    async with phase(opts, ns, worker) as ph:
+        await ph.start_worker()
+        deps, loop = ph.deps, asyncio.get_running_loop()
+        router, stop, stop_reader = Router(), asyncio.Event(), asyncio.Event()
+        reader = ph.spawn(read_outbox(deps.redis, deps.keys.outbox(KIND), router, stop_reader))
+        done: list[tuple[float, float]] = []  # (answered at, wait beyond the model call)
+
+        async def conversation() -> None:
+            tid = new_id()
+            ref = ChannelRef(kind=KIND, address=tid, user=APPROVER)
+            first = True
+            while not stop.is_set():
+                replied = router.expect(tid, "text")
+                sent = loop.time()
+                if first:
+                    await control.launch(deps, SLOW_AGENT, "hello", ref, thread_id=tid)
+                    first = False
+                else:
+                    await control.send(deps, tid, "and again", ref)
+                await answer(replied, "answer", tid)
+                now = loop.time()
+                done.append((now, now - sent - opts.model_seconds))
+
+        tasks = [ph.spawn(conversation()) for _ in range(opts.slow_threads)]
+        await wait_or_fail([*tasks, reader], opts.warmup + opts.model_seconds)
+        meter = CpuMeter(worker.pid, await redis_pid(deps.redis))
+        meter.begin()
+        t0 = loop.time()
+        await wait_or_fail([*tasks, reader], opts.duration)
+        t1 = loop.time()
+        cpu = meter.end()
+        stop.set()
+        await finish(tasks, WAIT_S)
+        stop_reader.set()
+        await finish([reader], 5.0)
+    waits = [w * 1000 for t, w in done if t0 <= t < t1]
+    if not waits:
+        raise BenchError("the slow-model phase answered nothing in its window")
+    stats = (percentile(waits, 50), percentile(waits, 99), max(waits))
+    return SlowModel(len(waits) / (t1 - t0), len(waits), t1 - t0, stats, cpu, worker.problems(), worker.log_path)
 
 
 def print_profile(path: Path, top: int = 25) -> None:
@@ -960,6 +1034,7 @@ async def run(opts: Options) -> bool:
     tp = await throughput(opts, f"{base}-tp") if "throughput" in opts.phases else None
     lat = await latency(opts, f"{base}-lat") if "latency" in opts.phases else None
     mem = await memory(opts, f"{base}-mem") if "memory" in opts.phases else None
+    slow = await slow_model(opts, f"{base}-slow") if "slow" in opts.phases else None
 
     ok = True
     say("")
@@ -1000,7 +1075,17 @@ async def run(opts: Options) -> bool:
         say(f"   keys: log {kb(mem.log)} + {mem.approvals_per_thread:.1f} approval records {kb(mem.approvals)} "
             f"+ receipts {kb(mem.receipts)}; also per thread: {mem.seen_keys_per_thread:.1f} dedupe keys "
             f"~{kb(mem.seen_bytes)}, thread + pending indexes {kb(mem.indexes_bytes)}")  # fmt: skip
-    for name, res in (("throughput", tp), ("latency", lat)):
+    if slow is not None:
+        w50, w99, wmax = slow.wait_ms
+        hit_steps = slow.steps_per_s >= TARGET_SLOW_STEPS_PER_S
+        hit_wait = w99 <= TARGET_READY_WAIT_P99_S * 1000
+        ok &= hit_steps and hit_wait
+        say(f"4. Slow model ({opts.model_seconds:g}s per call), one worker process:   {slow.steps_per_s:7.1f} "
+            f"model steps/s   (target >= {TARGET_SLOW_STEPS_PER_S:g})  {verdict(hit_steps)}")  # fmt: skip
+        say(f"   a ready thread's wait beyond its own model call: p50 {w50:.0f} ms  p99 {w99:.0f} ms  "
+            f"max {wmax:.0f} ms   (target p99 <= {TARGET_READY_WAIT_P99_S * 1000:.0f} ms)  {verdict(hit_wait)}")
+        say(f"   {slow.steps} answers in {slow.window:.1f}s, {opts.slow_threads} threads in flight; {slow.cpu}")
+    for name, res in (("throughput", tp), ("latency", lat), ("slow model", slow)):
         if res is not None and res.worker_problems:
             say(f"   warning: the {name} worker logged {res.worker_problems} warnings/errors: {res.worker_log}")
     if tp is not None and opts.profile:

@@ -37,33 +37,22 @@ def install_gc_probe(passes: list[GcPass]) -> None:
 
 
 def install_timing(samples: list[Sample]) -> None:
-    """Time ``Worker._handle`` (decode -> apply -> fenced commits incl. the ack) per entry.
+    """Time ``Worker._process`` (apply one inbound entry -> the turn -> fenced commits incl. the ack) per entry.
 
-    The key is caught in ``Worker.apply``, which sees the decoded event; the entry id in its ack command ties
-    the two calls together. Wall-clock time (not a monotonic clock) so the driver process can compare.
+    Wall-clock time (not a monotonic clock) so the driver process can compare.
     """
-    from bot.worker import Worker
+    from bot.worker import Worker, _Done
 
-    handle, apply = Worker._handle, Worker.apply
-    seen: dict[tuple[str, bytes], str] = {}  # (stream, entry id) -> event key, while the entry is handled
+    process = Worker._process
 
-    async def timed_apply(self: Worker, p: int, token: str, event: Any, ack: Any, *rest: Any) -> None:
-        seen[(ack[0][1], ack[0][3])] = event.key
-        await apply(self, p, token, event, ack, *rest)
-
-    async def timed_handle(
-        self: Worker, p: int, token: str, stream: str, entry_id: bytes, fields: Any, *rest: Any
-    ) -> bool:
+    async def timed_process(self: Worker, lane: Any, item: Any) -> Any:
         began = time.time()
-        ok = await handle(self, p, token, stream, entry_id, fields, *rest)
-        done = time.time()
-        key = seen.pop((stream, entry_id), None)
-        if ok and key:
-            samples.append((key, began, done))
-        return ok
+        result = await process(self, lane, item)
+        if isinstance(result, _Done) and item.event.key:
+            samples.append((item.event.key, began, time.time()))
+        return result
 
-    Worker._handle = timed_handle  # type: ignore[method-assign]
-    Worker.apply = timed_apply  # type: ignore[method-assign]
+    Worker._process = timed_process  # type: ignore[method-assign]
 
 
 def main() -> None:

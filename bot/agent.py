@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -69,6 +70,15 @@ class Prefetch:
 
 
 @dataclass(frozen=True)
+class Outage:
+    """How long to keep retrying a model that cannot be reached, and when to tell the thread's humans."""
+
+    retry_first: float = 5.0  # seconds before the first retry; the wait doubles with each failed try
+    retry_max: float = 300.0  # the longest wait between tries
+    notify_after: float = 60.0  # once the model has been away this long, the thread's humans are told
+
+
+@dataclass(frozen=True)
 class Agent:
     name: str
     step: StepFn
@@ -77,15 +87,23 @@ class Agent:
     max_steps: int = 12
     prefetch: tuple[Prefetch, ...] = ()
     description: str = ""
+    step_timeout: float = 120.0  # seconds for one model call (or one deterministic step)
+    tool_timeout: float = 60.0  # seconds for one tool call, unless tool_timeouts names the tool
+    tool_timeouts: dict[str, float] = field(default_factory=dict)
+    outage: Outage = Outage()
 
     def gated(self, tool: str) -> ApprovalPolicy | None:
         return self.approvals.get(tool)
 
+    def timeout_for(self, tool: str) -> float:
+        return self.tool_timeouts.get(tool, self.tool_timeout)
 
-def deterministic(fn: Callable[[Sequence[Event]], Step]) -> StepFn:
-    """Wrap a plain-Python step (no model at all) as an agent step."""
+
+def deterministic(fn: Callable[[Sequence[Event]], Step | Awaitable[Step]]) -> StepFn:
+    """Wrap a plain-Python step (no model at all; a plain or an async function) as an agent step."""
 
     async def step(events: Sequence[Event]) -> StepOutcome:
-        return StepOutcome(fn(events))
+        out = fn(events)
+        return StepOutcome(await out if inspect.isawaitable(out) else out)
 
     return step

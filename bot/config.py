@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bot.agent import Agent, ApprovalPolicy, Prefetch, StepFn, deterministic
+from bot.agent import Agent, ApprovalPolicy, Outage, Prefetch, StepFn, deterministic
 from bot.errors import ConfigError
 from bot.tools import Tool
 
@@ -30,6 +30,23 @@ class PrefetchSpec(_Strict):
     args: dict[str, Any] = {}
 
 
+class TimeoutsSpec(_Strict):
+    """Seconds a step may take before it is abandoned (a model call) or recorded as failed (a tool call)."""
+
+    model: float = Field(default=120, gt=0, le=3600)
+    tool: float = Field(default=60, gt=0, le=86400)
+    tools: dict[str, float] = {}  # per tool, overriding ``tool``
+
+
+class OutageSpec(_Strict):
+    """A model that cannot be reached: retry after retry_first seconds, doubling up to retry_max, and tell the
+    thread's humans once it has been away notify_after seconds. The user's message is never dropped."""
+
+    retry_first: float = Field(default=5, gt=0, le=3600)
+    retry_max: float = Field(default=300, gt=0, le=86400)
+    notify_after: float = Field(default=60, ge=0, le=86400)
+
+
 class AgentSpec(_Strict):
     description: str = ""
     step: str | None = None  # "module:function" for a deterministic agent
@@ -41,6 +58,8 @@ class AgentSpec(_Strict):
     prefetch: list[PrefetchSpec] = []
     max_steps: int = Field(default=12, ge=1, le=200)
     temperature: float = 0.0
+    timeouts: TimeoutsSpec = TimeoutsSpec()
+    model_outage: OutageSpec = OutageSpec()
 
     @model_validator(mode="after")
     def _one_kind(self) -> AgentSpec:
@@ -213,6 +232,11 @@ def _build_agent(where: str, name: str, spec: AgentSpec, prompts: Path) -> Agent
             raise ConfigError(where, f"{base}.prefetch[{i}].tool", f"{p.tool!r} is not one of this agent's tools")
         if p.tool in spec.approvals:
             raise ConfigError(where, f"{base}.prefetch[{i}].tool", "a pre-fetch tool cannot need approval")
+    for tool_name, seconds in spec.timeouts.tools.items():
+        if tool_name not in tools:
+            raise ConfigError(where, f"{base}.timeouts.tools.{tool_name}", "not one of this agent's tools")
+        if not 0 < seconds <= 86400:
+            raise ConfigError(where, f"{base}.timeouts.tools.{tool_name}", "seconds between 0 and 86400")
     step: StepFn
     if spec.step is not None:
         step = deterministic(_import(where, f"{base}.step", spec.step))
@@ -229,6 +253,7 @@ def _build_agent(where: str, name: str, spec: AgentSpec, prompts: Path) -> Agent
             tools=tools,
             api_base=spec.api_base,
             temperature=spec.temperature,
+            timeout=spec.timeouts.model,
         )
     return Agent(
         name=name,
@@ -238,4 +263,8 @@ def _build_agent(where: str, name: str, spec: AgentSpec, prompts: Path) -> Agent
         max_steps=spec.max_steps,
         prefetch=tuple(Prefetch(p.tool, p.args) for p in spec.prefetch),
         description=spec.description,
+        step_timeout=spec.timeouts.model,
+        tool_timeout=spec.timeouts.tool,
+        tool_timeouts=dict(spec.timeouts.tools),
+        outage=Outage(**spec.model_outage.model_dump()),
     )

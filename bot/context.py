@@ -12,7 +12,7 @@ import yaml
 from bot.events import Error, Event
 
 # Bookkeeping the model does not need to see.
-_HIDDEN = frozenset({"tool.started", "thread.launched"})
+_HIDDEN = frozenset({"tool.started", "thread.launched", "model.unavailable"})
 _AGENT_STEPS = frozenset({"tool.call", "reply", "human.asked"})
 
 

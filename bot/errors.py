@@ -19,6 +19,18 @@ class ModelNotConfigured(HandrailError):
     """An LLM agent has no usable model: the message names the variable to set."""
 
 
+class ModelRefused(HandrailError):
+    """The model's provider refused the request for good (bad request, context too long, bad key): no retry helps."""
+
+
+class ModelUnavailableError(Exception):
+    """Signal: the model cannot be reached right now (rate limit, timeout, 5xx); try the step again later."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        self.reason, self.retry_after = reason, retry_after
+        super().__init__(reason)
+
+
 class NotFound(HandrailError):
     """No thread, approval or dead letter with that id."""
 

@@ -159,6 +159,16 @@ class Error(_Base):
     llm: LLMInfo | None = None
 
 
+class ModelUnavailable(_Base):
+    """The model could not be reached (rate limit, timeout, 5xx); the step is tried again after ``retry_in_ms``."""
+
+    type: Literal["model.unavailable"] = "model.unavailable"
+    error: str
+    attempt: int  # how many tries have failed in a row, this one included
+    retry_in_ms: int
+    notified: bool = False  # the thread's humans were told with this event
+
+
 class ThreadPaused(_Base):
     type: Literal["thread.paused"] = "thread.paused"
     by: str = ""
@@ -192,6 +202,7 @@ Event = Annotated[
     | HumanAsked
     | HumanAnswered
     | Error
+    | ModelUnavailable
     | ThreadPaused
     | ThreadResumed
     | ThreadCancelled

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import string
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from bot.agent import AskHuman, CallTool, Malformed, SendReply, StepOutcome
 from bot.context import render, request_sha
-from bot.errors import ModelNotConfigured
+from bot.errors import ModelNotConfigured, ModelRefused, ModelUnavailableError
 from bot.events import Event, LLMInfo
 from bot.tools import Tool
 
@@ -104,15 +105,19 @@ class LLMStep:
         litellm = load_litellm()
         self.check_configured(litellm)
         messages, tools, template_sha = self.request(events)
-        resp = await litellm.acompletion(
-            model=self.model,
-            messages=messages,
-            tools=tools,
-            tool_choice="required",
-            temperature=self.temperature,
-            api_base=self.api_base,
-            timeout=self.timeout,
-        )
+        try:
+            resp = await litellm.acompletion(
+                model=self.model,
+                messages=messages,
+                tools=tools,
+                tool_choice="required",
+                temperature=self.temperature,
+                api_base=self.api_base,
+                timeout=self.timeout,
+                max_retries=0,  # the runtime retries, with backoff measured in minutes and a record in the log
+            )
+        except Exception as exc:
+            raise classify(litellm, exc, self.model) from None
         message = resp.choices[0].message
         calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in (message.tool_calls or [])]
         raw = json.dumps({"content": message.content, "tool_calls": calls}, separators=(",", ":"))
@@ -132,6 +137,43 @@ class LLMStep:
             template_sha=template_sha,
         )
         return StepOutcome(parse(calls, message.content, set(self.tools)), info)
+
+
+# 408 timeout, 409 conflict, 425 too early, 429 rate limit: the same request can succeed later.
+_RETRYABLE = frozenset({408, 409, 425, 429})
+_SECRETISH = re.compile(r"\b(sk|pk|rk|key|token|xox[a-z])[-_A-Za-z0-9]{8,}", re.IGNORECASE)
+
+
+def classify(litellm: Any, exc: Exception, model: str) -> Exception:
+    """A model call's failure as the runtime sees it: unavailable for now (retried later, the message kept) or
+    refused for good (the thread fails with the reason). Anything unrecognised is returned as it is."""
+    import openai  # litellm's exceptions derive from the OpenAI client's, whatever the provider
+
+    if not isinstance(exc, openai.APIError):
+        return exc
+    status = getattr(exc, "status_code", None)
+    reason = f"{model}: {type(exc).__name__}" + (f" {status}" if status else "") + f": {_short(exc)}"
+    if isinstance(exc, litellm.APIConnectionError | litellm.Timeout) or status is None:
+        return ModelUnavailableError(reason)
+    if status in _RETRYABLE or status >= 500:
+        return ModelUnavailableError(reason, _retry_after(exc))
+    return ModelRefused(reason)
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    """The provider's message, cut short and with anything that looks like a key masked."""
+    text = " ".join(str(exc).split())
+    text = _SECRETISH.sub("[redacted]", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _retry_after(exc: Exception) -> float | None:
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    try:
+        value = float(headers.get("retry-after", ""))
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 else None
 
 
 def parse(

@@ -6,6 +6,7 @@ anywhere here leaves a log from which the next worker carries on without repeati
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -14,11 +15,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bot import approvals, codec
-from bot.agent import Agent, AskHuman, CallTool, Malformed, SendReply
+from bot import approvals, codec, outage
+from bot.agent import Agent, AskHuman, CallTool, Malformed, SendReply, StepOutcome
 from bot.bus import Command
 from bot.config import WebhookSpec
-from bot.errors import ApprovalRequired, ModelNotConfigured
+from bot.errors import ApprovalRequired, ModelNotConfigured, ModelRefused, ModelUnavailableError
 from bot.events import (
     ApprovalDecided,
     ApprovalRequested,
@@ -26,6 +27,7 @@ from bot.events import (
     Error,
     Event,
     HumanAsked,
+    ModelUnavailable,
     Reply,
     ThreadFailed,
     ToolCall,
@@ -54,6 +56,39 @@ log = logging.getLogger(__name__)
 
 # Apply commands atomically, provided the thread's log (the first argument) still ends at the given id.
 Commit = Callable[[str, str, Sequence[Command]], Awaitable[list[Any]]]
+
+
+@dataclass
+class Turn:
+    """How the worker steers a thread's turn from outside. ``interrupt`` is set when a pause or cancel waits
+    behind the turn: the turn stops between steps and abandons a model call in flight. ``stopping`` says the
+    partition is being handed over: the turn stops between steps (a running step finishes)."""
+
+    interrupt: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: Callable[[], bool] = lambda: False
+
+    def should_stop(self) -> bool:
+        return self.interrupt.is_set() or self.stopping()
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The thread waits on the outside (a human, an approval, a message); the turn is over."""
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The turn stopped between steps because the worker asked it to; the log says where to carry on."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The model could not be reached; try the turn again after ``delay`` seconds."""
+
+    delay: float
+
+
+TurnOutcome = Waiting | Stopped | Backoff
 
 
 @dataclass
@@ -157,8 +192,8 @@ class Runner:
             tx.records[record.id] = record  # the executor's gate reads it next, moments from now
         return None
 
-    async def apply(self, tx: Tx, agent: Agent | None, event: Event) -> None:
-        """Record ``event`` (if it applies) and run the thread until it waits."""
+    async def apply(self, tx: Tx, agent: Agent | None, event: Event, turn: Turn | None = None) -> TurnOutcome:
+        """Record ``event`` (if it applies) and run the thread until it waits, or ``turn`` says stop."""
         why_not = await self.accept(tx, event)
         if why_not is None:
             open_request = tx.thread.open_approval()
@@ -172,8 +207,9 @@ class Runner:
             self._announce(tx, event)
         else:
             log.info("thread %s: ignored %s (%s): %s", tx.thread.id, event.type, event.key, why_not)
-        if agent is not None:
-            await self.advance(tx, agent)
+        if agent is None:
+            return Waiting()
+        return await self.advance(tx, agent, turn or Turn())
 
     def _announce(self, tx: Tx, event: Event) -> None:
         if isinstance(event, ApprovalDecided):
@@ -184,12 +220,17 @@ class Runner:
         elif event.type == "thread.cancelled":
             tx.say("text", f"Cancelled by {event.by or 'an operator'}.")
 
-    async def advance(self, tx: Tx, agent: Agent) -> None:
+    async def advance(self, tx: Tx, agent: Agent, turn: Turn) -> TurnOutcome:
+        """Take steps until the thread waits. Each step's events are committed before the next step starts, so
+        a crash loses at most the step in flight; the caller commits the last one (with its inbound ack)."""
         while True:
             action = next_action(tx.thread, agent)
+            if isinstance(action, Wait):
+                return Waiting()
+            if turn.should_stop():
+                return Stopped()
+            await tx.flush()
             match action:
-                case Wait():
-                    return
                 case RunTool():
                     await self.run_tool(tx, agent, action)
                 case Prefetch():
@@ -198,7 +239,9 @@ class Runner:
                     tx.add(HumanAsked(thread_id=tx.thread.id, question=question, escalation=True))
                     tx.say("question", question)
                 case AskAgent():
-                    await self.ask_agent(tx, agent)
+                    outcome = await self.ask_agent(tx, agent, turn)
+                    if outcome is not None:
+                        return outcome
 
     async def run_tool(self, tx: Tx, agent: Agent, action: RunTool) -> None:
         """The executor: a gated call runs only on its approved decision, and a completed call never again."""
@@ -220,9 +263,14 @@ class Runner:
             tx.add(ToolStarted(thread_id=thread.id, call_id=call.call_id, args_hash=args_hash(call.tool, action.args)))
             await tx.flush()  # recorded before it runs
         ctx = ToolContext(thread.id, call.call_id, f"{thread.id}:{call.call_id}", thread.origin, self.deps)
+        seconds = agent.timeout_for(call.tool)
         try:
-            value = await tool.fn(tool.validate(action.args), ctx)
+            value = await asyncio.wait_for(tool.fn(tool.validate(action.args), ctx), seconds)
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=True, result=_jsonable(value))
+        except TimeoutError:
+            log.warning("thread %s: tool %s timed out after %gs", thread.id, call.tool, seconds)
+            error = f"timed out after {seconds:g} s (it may or may not have taken effect)"
+            result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=error)
         except ValidationError as exc:
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=_compact(exc))
         except Exception as exc:  # a tool's failure is the agent's information, not the runtime's crash
@@ -240,14 +288,27 @@ class Runner:
             tx.add(call)
             await self.run_tool(tx, agent, RunTool(call, pre.args, None))
 
-    async def ask_agent(self, tx: Tx, agent: Agent) -> None:
+    async def ask_agent(self, tx: Tx, agent: Agent, turn: Turn) -> Stopped | Backoff | None:
+        """One step of the agent: the model's (or a deterministic function's) answer, validated and recorded."""
         thread = tx.thread
         try:
-            outcome = await agent.step(list(thread.events))
-        except ModelNotConfigured as exc:
+            outcome = await _step(agent, list(thread.events), turn)
+        except ModelUnavailableError as exc:
+            retry = outage.next_retry(thread.events, agent.outage, now_ms(), exc.retry_after)
+            tx.add(ModelUnavailable(thread_id=thread.id, error=exc.reason, attempt=retry.attempt,
+                                    retry_in_ms=int(retry.delay * 1000), notified=retry.notify))  # fmt: skip
+            log.warning("thread %s: model unavailable (try %d, again in %.1fs): %s",
+                        thread.id, retry.attempt, retry.delay, exc.reason)  # fmt: skip
+            if retry.notify:
+                tx.say("error", "The model is not answering at the moment; I keep trying and will answer as soon "
+                                "as it is back. Nothing you sent is lost.")  # fmt: skip
+            return Backoff(retry.delay)
+        except (ModelNotConfigured, ModelRefused) as exc:
             tx.add(ThreadFailed(thread_id=thread.id, reason=str(exc)))
             tx.say("error", str(exc))
-            return
+            return None
+        if outcome is None:
+            return Stopped()
         step, llm = outcome.step, outcome.llm
         if isinstance(step, CallTool):
             step = self._check_call(thread, agent, step)
@@ -266,6 +327,7 @@ class Runner:
                 policy = agent.gated(name)
                 if policy is not None:
                     self._request_approval(tx, call, policy.approvers)
+        return None
 
     def _check_call(self, thread: Thread, agent: Agent, step: CallTool) -> CallTool | Malformed:
         tool = agent.tools.get(step.tool)
@@ -298,6 +360,24 @@ class Runner:
             {"id": req.approval_id, "tool": req.tool, "args": req.args, "approvers": req.approvers,
              "reason": req.reason},
         )  # fmt: skip
+
+
+async def _step(agent: Agent, events: list[Event], turn: Turn) -> StepOutcome | None:
+    """The agent's step within its timeout; None if ``turn`` was interrupted first (the answer is abandoned)."""
+    step = asyncio.ensure_future(agent.step(events))
+    interrupted = asyncio.ensure_future(turn.interrupt.wait())
+    try:
+        done, _ = await asyncio.wait({step, interrupted}, timeout=agent.step_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+    finally:
+        interrupted.cancel()
+        if not step.done():
+            step.cancel()
+    if step in done:
+        return step.result()
+    if interrupted in done:
+        return None
+    raise ModelUnavailableError(f"no answer within {agent.step_timeout:g} s")
 
 
 def _compact(exc: ValidationError) -> str:

@@ -20,6 +20,7 @@ class Settings:
     lease_ms: int = 5000  # a dead worker's partitions move to another after this long
     max_deliveries: int = 3  # failed attempts at one inbound entry before it goes to the dead-letter stream
     namespace: str = "hr"  # prefix of every Redis key
+    drain_seconds: float = 20.0  # on hand-over and shutdown, how long running steps may take to finish
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -33,6 +34,7 @@ class Settings:
             lease_ms=_int(env, "HANDRAIL_LEASE_MS", 5000, 200, 600_000),
             max_deliveries=_int(env, "HANDRAIL_MAX_DELIVERIES", 3, 1, 100),
             namespace=env.get("HANDRAIL_NAMESPACE", "hr"),
+            drain_seconds=_int(env, "HANDRAIL_DRAIN_SECONDS", 20, 0, 3600),
         )
 
 

@@ -42,6 +42,8 @@ def summary(e: Event) -> str:
             return f"{e.by} answered: {e.text}"
         case "error":
             return f"error {e.kind}: {e.message}"
+        case "model.unavailable":
+            return f"model unavailable, retrying in {e.retry_in_ms / 1000:g} s (try {e.attempt}): {e.error}"
         case "thread.paused" | "thread.resumed":
             return f"{e.type.split('.')[1]} by {e.by or '-'}"
         case "thread.cancelled":

@@ -23,13 +23,25 @@ def text(content: str) -> Answer:
     return {"content": content}
 
 
+def fail(status: int, message: str = "scripted failure") -> Answer:
+    """An HTTP error answer (a 400 the provider refuses with, a 503 it is away with)."""
+    return {"status": status, "message": message}
+
+
 class ScriptedModel:
     """Answers each request with the next scripted answer and records what it was sent."""
 
     def __init__(self) -> None:
         self.script: deque[tuple[Answer | Callable[[dict[str, Any]], Answer], float]] = deque()
         self.requests: list[dict[str, Any]] = []
+        self.down_until = 0.0  # time.monotonic() before which every request gets a 503, script untouched
+        self.in_flight = self.max_in_flight = 0  # requests being answered at once, now and at most
+        self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+
+    def down_for(self, seconds: float) -> None:
+        """Answer 503 to everything for ``seconds``, as a provider in an outage does."""
+        self.down_until = time.monotonic() + seconds
 
     def add(self, *answers: Answer | Callable[[dict[str, Any]], Answer], delay: float = 0.0) -> None:
         for a in answers:
@@ -50,13 +62,26 @@ class ScriptedModel:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 model.requests.append(body)
+                if time.monotonic() < model.down_until:
+                    self._send(503, {"error": {"message": "overloaded, try later", "type": "test"}})
+                    return
                 if not model.script:
                     self._send(500, {"error": {"message": "the script has no answer left", "type": "test"}})
                     return
                 answer, delay = model.script.popleft()
                 if callable(answer):
                     answer = answer(body)
-                time.sleep(delay)
+                with model._lock:
+                    model.in_flight += 1
+                    model.max_in_flight = max(model.max_in_flight, model.in_flight)
+                try:
+                    time.sleep(delay)
+                finally:
+                    with model._lock:
+                        model.in_flight -= 1
+                if "status" in answer:
+                    self._send(answer["status"], {"error": {"message": answer["message"], "type": "test"}})
+                    return
                 self._send(200, _completion(body.get("model", "scripted"), answer, len(model.requests)))
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:

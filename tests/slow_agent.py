@@ -44,3 +44,24 @@ def flaky(events: Sequence[Event]) -> Step:
     if FAIL["on"]:
         raise RuntimeError("the flaky agent is failing on purpose")
     return SendReply("fine now")
+
+
+class NoArgs(BaseModel):
+    pass
+
+
+@tool
+async def hang(args: NoArgs, ctx: ToolContext) -> str:
+    """Never finishes (a tool stuck on a dead connection); its agent gives tools 1 s."""
+    await ctx.deps.redis.rpush(f"{ctx.deps.keys.ns}:hang:runs", ctx.idempotency_key)
+    await asyncio.sleep(3600)
+    return "unreachable"
+
+
+def hang_desk(events: Sequence[Event]) -> Step:
+    last = events[-1]
+    if isinstance(last, MessageReceived):
+        return CallTool("hang", {}) if last.text == "hang" else CallTool("slow_refund", {"order_id": last.text})
+    if isinstance(last, ToolResult):
+        return SendReply(f"ok: {last.result}" if last.ok else f"failed: {last.error}")
+    return SendReply("?")
