@@ -9,13 +9,16 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import pytest
+
 from bot import approvals, codec, control, threads
+from bot.errors import Conflict
 from bot.events import ApprovalDecided, ApprovalRequested, ChannelRef, Error, Reply, ToolResult
 from bot.outbox import Outbound
 from bot.runtime import Deps
 from bot.threads import Status, Thread
 from bot.worker import Worker
-from tests.conftest import status_is, wait_for
+from tests.conftest import status_is, wait_for, web_client
 from tests.scripted_model import ScriptedModel, call
 
 BOB = ChannelRef(kind="terminal", address="t", user="terminal:bob")
@@ -161,3 +164,27 @@ async def test_a_plain_cancel_still_closes_the_approval_for_late_deciders(deps: 
     assert (await approvals.get(deps.redis, deps.keys, request.approval_id)).state == "cancelled"
     assert [m.text for m in await said(deps)][-1] == "Cancelled by terminal:bob."
 
+
+async def test_an_edit_for_a_tool_removed_from_the_config_is_refused_and_changes_nothing(
+    deps: Deps, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await start_worker()
+    tid, request = await waiting_refund(deps)
+    ungate(deps, drop_tool="issue_refund")
+    edit = {"order_id": "A100", "amount_cents": 1000}
+    with pytest.raises(Conflict, match="agent 'refund-desk' no longer has that tool in its configuration"):
+        await control.decide(deps, request.approval_id, by="terminal:alice", approved=True, args=edit)
+    monkeypatch.setenv("TEST_API_KEY_OPS", "sk-ops-0123456789")
+    async with web_client(deps) as api:
+        r = await api.post(f"/api/v1/approvals/{request.approval_id}/decision", json={"approved": True, "args": edit},
+                           headers={"Authorization": "Bearer sk-ops-0123456789"})  # fmt: skip
+    assert r.status_code == 409 and "no longer has that tool" in r.json()["detail"]
+    assert (await approvals.get(deps.redis, deps.keys, request.approval_id)).state == "pending"
+    assert (await threads.load(deps.redis, deps.keys, tid)).status is Status.WAITING_APPROVAL
+
+    # approved as it was requested, the call cannot run either: the executor says so instead of failing
+    await control.decide(deps, request.approval_id, by="terminal:alice", approved=True)
+    thread = await wait_for(deps, tid, status_is(Status.DONE))
+    result = thread.result(request.call_id)
+    assert result is not None and result.error == "issue_refund is no longer one of this agent's tools; nothing ran"
+    assert await ledger(deps) == {} and await deps.bus.dead_letters() == []
