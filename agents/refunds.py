@@ -33,7 +33,7 @@ class NoArgs(BaseModel):
     pass
 
 
-@tool
+@tool(repeatable=True)  # no side effects: the same lookup may run again later in a thread
 async def lookup_order(args: OrderRef, ctx: ToolContext) -> dict[str, Any]:
     """Look up an order by its number: customer, item and total."""
     order = ORDERS.get(args.order_id.upper())
@@ -58,7 +58,7 @@ async def issue_refund(args: Refund, ctx: ToolContext) -> dict[str, Any]:
     return {"refund_id": stored.rsplit(":", 1)[1], "order_id": args.order_id.upper(), "amount_cents": args.amount_cents}
 
 
-@tool
+@tool(repeatable=True)
 async def refund_policy(args: NoArgs, ctx: ToolContext) -> str:
     """The shop's refund policy."""
     return "Refunds up to the order total within 30 days of delivery; partial refunds are fine."
@@ -76,9 +76,10 @@ def refund_desk(events: Sequence[Event]) -> Step:
         if match is None:
             return SendReply("I can refund orders. Say 'refund A100' for the whole order or 'refund A100 25' for $25.")
         return CallTool("lookup_order", {"order_id": match["order"].upper()})
-    if isinstance(last, ApprovalDecided) and not last.approved:
-        why = f": {last.feedback}" if last.feedback else "."
-        return SendReply(f"OK, I did not refund it. {last.by} rejected the refund{why}")
+    rejection = events[-2] if isinstance(last, ToolResult) and len(events) > 1 else last  # recorded with its result
+    if isinstance(rejection, ApprovalDecided) and not rejection.approved:
+        why = f": {rejection.feedback}" if rejection.feedback else "."
+        return SendReply(f"OK, I did not refund it. {rejection.by} rejected the refund{why}")
     if isinstance(last, ToolResult):
         call = next(e for e in events if isinstance(e, ToolCall) and e.call_id == last.call_id)
         if not last.ok:

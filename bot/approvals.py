@@ -37,6 +37,7 @@ return {'ok', state, ARGV[1], ARGV[3]}
 """
 
 _scripts: weakref.WeakKeyDictionary[aioredis.Redis, Any] = weakref.WeakKeyDictionary()
+_close_scripts: weakref.WeakKeyDictionary[aioredis.Redis, Any] = weakref.WeakKeyDictionary()
 
 State = Literal["pending", "approved", "rejected", "cancelled"]
 
@@ -99,12 +100,30 @@ def request_commands(keys: Keys, req: ApprovalRequested) -> list[Command]:
     ]  # fmt: skip
 
 
-def close_commands(keys: Keys, approval_id: str, state: str) -> list[Command]:
-    """Close a pending approval without a decision (its thread was cancelled)."""
-    return [
-        ("HSET", keys.approval(approval_id), "state", state, "at", now_ms()),
-        ("ZREM", keys.pending_approvals, approval_id),
-    ]
+# Close a pending approval without a decision (its thread was cancelled), unless a decision got there first;
+# safe to run twice. KEYS: the record, the pending set. ARGV: the new state, the approval id.
+_CLOSE = """
+local st = redis.call('HMGET', KEYS[1], 'state', 'by', 'at')
+redis.call('ZREM', KEYS[2], ARGV[2])
+if st[1] and st[1] ~= 'pending' then return {'decided', st[1], st[2] or '', st[3] or '0'} end
+if st[1] then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'at', string.format('%d%03d', t[1], math.floor(t[2] / 1000)))
+end
+return {'ok', ARGV[1]}
+"""
+
+
+async def close(redis: aioredis.Redis, keys: Keys, approval_id: str, state: str) -> Outcome:
+    """Close a pending approval as ``state``; "decided" (with who and when) if a decision got there first."""
+    script = _close_scripts.get(redis)
+    if script is None:
+        script = _close_scripts[redis] = redis.register_script(_CLOSE)
+    res = await script(keys=[keys.approval(approval_id), keys.pending_approvals], args=[state, approval_id])
+    found = res[1].decode()
+    if res[0] == b"ok" or found == state:  # closed now, or by an earlier try of this same close
+        return Outcome("ok", state)
+    return Outcome("decided", found, res[2].decode(), int(res[3] or 0))
 
 
 def settle_commands(keys: Keys, approval_id: str) -> list[Command]:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from bot import approvals, threads
 from bot.context import request_sha
-from bot.errors import HandrailError, NotFound
+from bot.errors import Conflict, HandrailError, NotFound
 from bot.events import (
     ChannelRef,
     Event,
@@ -91,7 +91,13 @@ async def decide(
     if args is not None:
         record = await approvals.get(deps.redis, deps.keys, approval_id)
         thread = await threads.get(deps.redis, deps.keys, record.thread_id)
-        tool = deps.agents.agent(thread.agent).tools[record.tool]
+        agent = deps.agents.agents.get(thread.agent)
+        tool = agent.tools.get(record.tool) if agent is not None else None
+        if tool is None:  # removed or renamed in the config since the call was proposed
+            raise Conflict(
+                f"cannot approve edited arguments for {record.tool}: agent {thread.agent!r} no longer has that "
+                "tool in its configuration; reject the call instead"
+            )
         try:
             args = tool.validate(args).model_dump(mode="json")
         except ValidationError as exc:

@@ -35,6 +35,10 @@ class NotFound(HandrailError):
     """No thread, approval or dead letter with that id."""
 
 
+class Conflict(HandrailError):
+    """The request no longer fits what it refers to (say, the configuration changed since); nothing was done."""
+
+
 class LeaseLost(Exception):
     """Signal: another worker now owns this partition; stop writing to it (the fencing token moved on)."""
 

@@ -41,11 +41,14 @@ from bot.keys import Keys
 from bot.outbox import NOTIFICATIONS, UNDELIVERED, Outbound, outbox_command, webhook_stream
 from bot.plan import (
     PREFETCH_PREFIX,
+    Approved,
     AskAgent,
     Escalate,
     Prefetch,
+    Refused,
     RunTool,
     Wait,
+    gate,
     next_action,
     repeated_call,
 )
@@ -198,18 +201,40 @@ class Runner:
         if why_not is None:
             open_request = tx.thread.open_approval()
             if event.type == "thread.cancelled" and open_request is not None:
-                # the open approval can no longer be decided; late clickers are told it was cancelled
-                tx.add(event, *approvals.close_commands(self.keys, open_request.approval_id, "cancelled"))
-            elif isinstance(event, ApprovalDecided):
-                tx.add(event, *approvals.settle_commands(self.keys, event.approval_id))
+                await self._cancel_approval(tx, event, open_request)
+            elif isinstance(event, ApprovalDecided) and open_request is not None:
+                self._record_decision(tx, event, open_request)
             else:
                 tx.add(event)
-            self._announce(tx, event)
+                self._announce(tx, event)
         else:
             log.info("thread %s: ignored %s (%s): %s", tx.thread.id, event.type, event.key, why_not)
         if agent is None:
             return Waiting()
         return await self.advance(tx, agent, turn or Turn())
+
+    async def _cancel_approval(self, tx: Tx, event: Event, request: ApprovalRequested) -> None:
+        """Cancel a thread that waits for an approval: the approval is closed, unless a decision got there first
+        (its event is queued behind this cancel). That is checked and done in one step in Redis, ahead of this
+        commit, so a record that says "approved" is never overwritten; if this commit is lost, the cancel is
+        still on the inbound stream and is applied again, finding the approval already closed by it."""
+        first = await approvals.close(self.deps.redis, self.keys, request.approval_id, "cancelled")
+        tx.add(event)
+        self._announce(tx, event)
+        if first.result != "decided" or first.state not in ("approved", "rejected"):
+            return  # closed now (late deciders are told it was cancelled), or closed by something else before
+        approved = first.state == "approved"
+        truth = f"{first.state.capitalize()} by {first.by or '?'}, but the thread was cancelled first; nothing ran."
+        tx.add(ToolResult(thread_id=tx.thread.id, call_id=request.call_id, ok=False, error=truth))
+        tx.say("approval_update", truth, {"id": request.approval_id, "approved": approved, "by": first.by,
+                                          "at": first.at, "feedback": "", "cancelled": True})  # fmt: skip
+
+    def _record_decision(self, tx: Tx, event: ApprovalDecided, request: ApprovalRequested) -> None:
+        tx.add(event, *approvals.settle_commands(self.keys, event.approval_id))
+        self._announce(tx, event)
+        if not event.approved:  # a rejection is the call's result: done for good, whatever the config says later
+            error = f"rejected by {event.by}" + (f": {event.feedback}" if event.feedback else "")
+            tx.add(ToolResult(thread_id=tx.thread.id, call_id=request.call_id, ok=False, error=error))
 
     def _announce(self, tx: Tx, event: Event) -> None:
         if isinstance(event, ApprovalDecided):
@@ -244,35 +269,44 @@ class Runner:
                         return outcome
 
     async def run_tool(self, tx: Tx, agent: Agent, action: RunTool) -> None:
-        """The executor: a gated call runs only on its approved decision, and a completed call never again."""
+        """The executor: a call runs only if the gate read from the log lets it (a call sent for approval, on its
+        approved decision bound to these exact arguments), and a completed call never again."""
         call, thread = action.call, tx.thread
         if thread.result(call.call_id) is not None:
             return
         try:
-            if agent.gated(call.tool) is not None:
-                known = tx.records.get(action.approval_id) if action.approval_id else None
-                await approvals.check_approved(
-                    self.deps.redis, self.keys, action.approval_id, call.tool, action.args, record=known
-                )
+            verdict = gate(thread.events, agent, call, action.args)
+            if isinstance(verdict, Refused):
+                raise ApprovalRequired(call.tool, call.call_id, verdict.why)
+            if isinstance(verdict, Approved):
+                await approvals.check_approved(self.deps.redis, self.keys, verdict.approval_id, call.tool,
+                                               action.args, record=tx.records.get(verdict.approval_id))  # fmt: skip
         except ApprovalRequired as refusal:
             log.warning("thread %s: %s", thread.id, refusal)
             tx.add(ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=str(refusal)))
             return
-        tool = agent.tools[call.tool]
+        tool = agent.tools.get(call.tool)
+        if tool is None:  # renamed or removed from the config since the call was proposed
+            why = f"{call.tool} is no longer one of this agent's tools; nothing ran"
+            tx.add(ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=why))
+            return
+        try:
+            args = tool.validate(action.args)
+        except ValidationError as exc:  # before it is recorded as started: a call that never ran is no repeat
+            tx.add(ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=_compact(exc)))
+            return
         if thread.started(call.call_id) is None:
             tx.add(ToolStarted(thread_id=thread.id, call_id=call.call_id, args_hash=args_hash(call.tool, action.args)))
             await tx.flush()  # recorded before it runs
         ctx = ToolContext(thread.id, call.call_id, f"{thread.id}:{call.call_id}", thread.origin, self.deps)
         seconds = agent.timeout_for(call.tool)
         try:
-            value = await asyncio.wait_for(tool.fn(tool.validate(action.args), ctx), seconds)
+            value = await asyncio.wait_for(tool.fn(args, ctx), seconds)
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=True, result=_jsonable(value))
         except TimeoutError:
             log.warning("thread %s: tool %s timed out after %gs", thread.id, call.tool, seconds)
             error = f"timed out after {seconds:g} s (it may or may not have taken effect)"
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=error)
-        except ValidationError as exc:
-            result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=_compact(exc))
         except Exception as exc:  # a tool's failure is the agent's information, not the runtime's crash
             log.info("thread %s: tool %s failed: %s", thread.id, call.tool, exc)
             result = ToolResult(
@@ -337,8 +371,15 @@ class Runner:
             args = tool.validate(step.args).model_dump(mode="json")
         except ValidationError as exc:
             return Malformed("invalid_arguments", f"{step.tool}: {_compact(exc)}")
-        if repeated_call(thread.events, step.tool, args):
-            return Malformed("repeated_call", f"{step.tool} already ran with these arguments; its result is above")
+        earlier = repeated_call(thread.events, step.tool, args, repeatable=tool.repeatable)
+        if earlier is not None:  # refused before any approval card: a human is never asked to run it twice
+            result = thread.result(earlier.call_id)
+            how = "" if result is None or result.ok else " and failed (it may still have had effects)"
+            return Malformed(
+                "repeated_call",
+                f"{step.tool} already ran with these arguments (call {earlier.call_id}){how}; its result is above. "
+                "It is not run again: use what it returned, change the arguments, or ask a human.",
+            )
         return CallTool(step.tool, args, step.reason)
 
     def _request_approval(self, tx: Tx, call: ToolCall, approvers: Sequence[str]) -> None:

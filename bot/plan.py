@@ -17,6 +17,7 @@ from bot.events import (
     Event,
     ToolCall,
     ToolResult,
+    ToolStarted,
     args_hash,
 )
 from bot.threads import Status, Thread
@@ -59,25 +60,45 @@ class Escalate:
 Action = Wait | RunTool | Prefetch | AskAgent | Escalate
 
 
+@dataclass(frozen=True)
+class Ungated:
+    """The call was never sent for approval and its tool is not gated now: it may run."""
+
+
+@dataclass(frozen=True)
+class Approved:
+    """The call runs on this approval (the executor still checks the approval record in Redis)."""
+
+    approval_id: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    why: str
+
+
+Gate = Ungated | Approved | Refused
+
+
 def next_action(thread: Thread, agent: Agent) -> Action:
     events = thread.events
     if thread.status is not Status.RUNNING or not any(e.type in HUMAN_INPUT for e in events):
         return Wait()  # a launched thread waits for its first message
-    decisions = {e.approval_id: e for e in events if isinstance(e, ApprovalDecided)}
     requests = {e.call_id: e for e in events if isinstance(e, ApprovalRequested)}
+    decisions = {e.approval_id: e for e in events if isinstance(e, ApprovalDecided)}
     done = {e.call_id for e in events if isinstance(e, ToolResult)}
     for e in events:
         if not isinstance(e, ToolCall) or e.call_id in done:
             continue
-        if agent.gated(e.tool) is None:
-            return RunTool(e, e.args, None)
         request = requests.get(e.call_id)
-        decision = decisions.get(request.approval_id) if request else None
-        if request is None or decision is None:
-            continue  # cannot happen while running: the request is written with the call
+        if request is None:
+            return RunTool(e, e.args, None)  # never sent for approval; the executor's gate refuses it if gated now
+        decision = decisions.get(request.approval_id)
+        if decision is None:
+            continue  # cannot happen while running: the thread waits for the decision
         if decision.approved:
             return RunTool(e, decision.args if decision.args is not None else e.args, request.approval_id)
-        # a rejected call is settled by its rejection; the agent re-plans with the feedback
+        # a rejected call is settled by its rejection (recorded as its result since; older logs lack that result)
     if agent.prefetch and not any(_prefetched(e) for e in events):
         return Prefetch()
     since = _since_human(events)
@@ -114,9 +135,38 @@ def _trailing_errors(events: Sequence[Event]) -> list[Error]:
     return list(reversed(errors))
 
 
-def repeated_call(events: Sequence[Event], tool: str, args: dict[str, Any]) -> bool:
-    """True when this exact call already ran since the last human input: the agent is going round in circles."""
+def gate(events: Sequence[Event], agent: Agent, call: ToolCall, args: dict[str, Any]) -> Gate:
+    """May ``call`` run with ``args``? Read from the log, not from today's config: a call that was sent for
+    approval runs only on its approval of exactly these arguments, even if its tool is no longer gated; a call
+    that was not, runs only if its tool is not gated now (else the agent must propose it again, to be asked)."""
+    request = next((e for e in events if isinstance(e, ApprovalRequested) and e.call_id == call.call_id), None)
+    if request is None:
+        if agent.gated(call.tool) is not None:
+            return Refused(f"{call.tool} needs approval and this call was never sent for it; propose it again")
+        return Ungated()
+    decision = next(
+        (e for e in events if isinstance(e, ApprovalDecided) and e.approval_id == request.approval_id), None
+    )
+    if decision is None:
+        return Refused("the call is still waiting for its approval")
+    if not decision.approved:
+        return Refused(f"rejected by {decision.by}")
+    if decision.args_hash and decision.args_hash != args_hash(call.tool, args):
+        return Refused("the approved call differs from this one")
+    return Approved(request.approval_id)
+
+
+def repeated_call(
+    events: Sequence[Event], tool: str, args: dict[str, Any], *, repeatable: bool = False
+) -> ToolCall | None:
+    """The call of this thread that already ran with exactly this tool and these arguments, if any.
+
+    "Ran" means it was handed to the tool (ToolStarted, hashed with the arguments it ran with, an approver's
+    edit included), whether it succeeded or not: a failed run may have had effects, and a new call would carry a
+    new idempotency key. Rejected and refused calls never ran. A ``repeatable`` tool may run again after a human
+    has spoken; within one stretch of agent steps a repeat is the agent going round in circles either way.
+    """
     wanted = args_hash(tool, args)
-    since = _since_human(events)
-    ran = {e.call_id for e in since if isinstance(e, ToolResult)}
-    return any(isinstance(e, ToolCall) and e.call_id in ran and args_hash(e.tool, e.args) == wanted for e in since)
+    scope = _since_human(events) if repeatable else events
+    ran = {e.call_id for e in scope if isinstance(e, ToolStarted) and e.args_hash == wanted}
+    return next((e for e in events if isinstance(e, ToolCall) and e.call_id in ran), None)

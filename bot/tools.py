@@ -32,6 +32,7 @@ class Tool:
     description: str
     args_model: type[BaseModel]
     fn: ToolFn
+    repeatable: bool = False  # may run again with the same arguments in one thread (see plan.repeated_call)
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI-style function definition litellm passes to any provider."""
@@ -47,8 +48,12 @@ class Tool:
         return self.args_model.model_validate(args)
 
 
-def tool(fn: ToolFn | None = None, *, name: str | None = None) -> Any:
-    """Make a Tool from ``async def f(args: SomeModel, ctx: ToolContext)``; its docstring is the description."""
+def tool(fn: ToolFn | None = None, *, name: str | None = None, repeatable: bool = False) -> Any:
+    """Make a Tool from ``async def f(args: SomeModel, ctx: ToolContext)``; its docstring is the description.
+
+    A call identical to one that already ran in the thread is refused as a repeat; ``repeatable=True`` lets a tool
+    without side effects (a lookup) run again with the same arguments once a human has spoken since.
+    """
 
     def wrap(f: ToolFn) -> Tool:
         if not inspect.iscoroutinefunction(f):
@@ -59,6 +64,6 @@ def tool(fn: ToolFn | None = None, *, name: str | None = None) -> Any:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise TypeError(f"tool {f.__name__}: the first parameter must be annotated with a pydantic model")
         doc = inspect.getdoc(f) or ""
-        return Tool(name=name or f.__name__, description=doc.strip(), args_model=model, fn=f)
+        return Tool(name=name or f.__name__, description=doc.strip(), args_model=model, fn=f, repeatable=repeatable)
 
     return wrap(fn) if fn is not None else wrap

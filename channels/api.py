@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from bot import approvals, codec, control, threads
-from bot.errors import ConfigError, HandrailError, NotFound
+from bot.errors import ConfigError, Conflict, HandrailError, NotFound
 from bot.events import ChannelRef, HumanAnswered, new_id
 from bot.runtime import Deps
 from bot.threads import Status
@@ -306,6 +306,8 @@ def router(deps: Deps) -> APIRouter:
                 )
             except NotFound as exc:
                 raise HTTPException(404, str(exc)) from None
+            except Conflict as exc:  # e.g. an edit for a tool removed from the config
+                raise HTTPException(409, str(exc)) from None
             except (HandrailError, ConfigError) as exc:
                 raise HTTPException(422, str(exc)) from None
             if outcome.result == "missing":

@@ -163,11 +163,17 @@ async def test_the_executor_refuses_a_gated_call_without_a_matching_approval(dep
         result = tx.fresh[-1]
         assert isinstance(result, ToolResult) and not result.ok and "refusing to run issue_refund" in result.error
     await control.decide(deps, approval_id, by="terminal:alice", approved=True)
-    await wait_for(deps, tid, status_is(Status.DONE))
-    tx = Tx(threads.Thread(tid, list(thread.events)), deps.keys, commit)
-    await runner.run_tool(tx, agent, RunTool(call, {"order_id": "A100", "amount_cents": 12900}, approval_id))
-    result = tx.fresh[-1]
-    assert isinstance(result, ToolResult) and "the approved call differs" in result.error
+    done = await wait_for(deps, tid, status_is(Status.DONE))
+    # the log as it stood when the decision came in, asked to run other arguments: the log's decision refuses it,
+    # and so does the approval record when the logged decision carries no hash (as an old or forged one might)
+    upto = next(i for i, e in enumerate(done.events) if isinstance(e, ApprovalDecided))
+    decision = done.events[upto]
+    assert isinstance(decision, ApprovalDecided)
+    for logged in (decision, decision.model_copy(update={"args_hash": ""})):
+        tx = Tx(threads.Thread(tid, [*done.events[:upto], logged]), deps.keys, commit)
+        await runner.run_tool(tx, agent, RunTool(call, {"order_id": "A100", "amount_cents": 12900}, approval_id))
+        result = tx.fresh[-1]
+        assert isinstance(result, ToolResult) and "the approved call differs" in result.error
     assert len(await ledger(deps)) == 1, "only the approved run happened"
 
 
