@@ -20,6 +20,8 @@ class Settings:
     lease_ms: int = 5000  # a dead worker's partitions move to another after this long
     max_deliveries: int = 3  # failed attempts at one inbound entry before it goes to the dead-letter stream
     namespace: str = "hr"  # prefix of every Redis key
+    retention_days: int = 30  # a finished thread is deleted this long after its last event; 0 keeps it forever
+    retention_sweep_s: int = 3600  # how often one process (up or scheduler) looks for expired threads
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -33,6 +35,8 @@ class Settings:
             lease_ms=_int(env, "HANDRAIL_LEASE_MS", 5000, 200, 600_000),
             max_deliveries=_int(env, "HANDRAIL_MAX_DELIVERIES", 3, 1, 100),
             namespace=env.get("HANDRAIL_NAMESPACE", "hr"),
+            retention_days=_int(env, "HANDRAIL_RETENTION_DAYS", 30, 0, 36_500),
+            retention_sweep_s=_int(env, "HANDRAIL_RETENTION_SWEEP_S", 3600, 10, 7 * 86_400),
         )
 
 
