@@ -224,7 +224,7 @@ class Sweeper:
                 tally.kept += 1
                 continue
             thread = Thread(tid, events, rows[-1][0].decode() if rows else "0-0")
-            if not rows or finished(thread):  # an index entry without a log is left over: it goes too
+            if not rows or finished(thread):  # an index entry without a log goes too
                 done.append(Finished(thread, score))
             else:
                 tally.kept += 1
@@ -238,7 +238,9 @@ class Sweeper:
         if archive is not None and done:
             await archive([f for f in done if f.thread.events])
         for f in done:
-            if await self._delete(f.thread):
+            if not f.thread.events:
+                await self._delete(f.thread)  # a left-over index entry (or another sweep got there first)
+            elif await self._delete(f.thread):
                 tally.expired += 1
             else:
                 tally.moved += 1  # it moved on, so its score is past the cutoff now
