@@ -234,7 +234,7 @@ async def chat(deps: Deps, agent: str | None, thread_id: str | None, identity: s
 
 @cli.group("threads")
 def threads_cmd() -> None:
-    """List, show, launch, pause, resume and cancel threads; archive or purge finished ones."""
+    """List, show, launch, pause, resume and cancel threads. Archive or purge finished ones."""
 
 
 @threads_cmd.command("list")
