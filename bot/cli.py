@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from bot import approvals, control, threads
+from bot import approvals, control, retention, threads
 from bot.errors import HandrailError
 from bot.runtime import Deps, open_deps
 from bot.timeline import clock, line
@@ -100,6 +100,24 @@ def _scheduler(deps: Deps) -> Runner:
     return lambda stop: schedules.run_scheduler(deps, stop)
 
 
+def _channel_thread_keys() -> tuple[str, ...]:
+    """The per-thread keys the channels keep, so an expired thread takes them along."""
+    from channels.email.delivery import THREAD_KEY_SUFFIXES as email
+
+    return (*email,)
+
+
+def _sweeper(deps: Deps) -> retention.Sweeper:
+    return retention.Sweeper(deps.redis, deps.keys, _channel_thread_keys())
+
+
+def _retention(deps: Deps) -> Runner:
+    s = deps.settings
+    return lambda stop: retention.run_sweeper(
+        _sweeper(deps), stop, retention_days=s.retention_days, every_s=s.retention_sweep_s
+    )
+
+
 def _webhooks(deps: Deps) -> Runner:
     from channels import webhooks
 
@@ -145,8 +163,9 @@ async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     where = deps.settings.redis_url or f"embedded Redis (data in {deps.settings.data_dir}/)"
     click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}, API on http://{host}:{port}/api/v1/docs")
     click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
-    await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _scheduler(deps), _webhooks(deps),
-                         _slack(deps), _slack_socket(deps), _email(deps), _email_delivery(deps))  # fmt: skip
+    await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _scheduler(deps), _retention(deps),
+                         _webhooks(deps), _slack(deps), _slack_socket(deps), _email(deps),
+                         _email_delivery(deps))  # fmt: skip
 
 
 @cli.command()
@@ -186,9 +205,11 @@ async def web(deps: Deps, host: str, port: int) -> None:
 @cli.command()
 @with_deps()
 async def scheduler(deps: Deps) -> None:
-    """Fire the configured schedules (each scheduled time once, however many schedulers run)."""
+    """Fire the configured schedules (each scheduled time once, however many schedulers run), and delete
+    finished threads past HANDRAIL_RETENTION_DAYS (one process at a time)."""
     logging.getLogger("channels").setLevel(logging.INFO)
-    await _until_stopped(_scheduler(deps))
+    logging.getLogger("bot.retention").setLevel(logging.INFO)
+    await _until_stopped(_scheduler(deps), _retention(deps))
 
 
 @cli.command()
@@ -213,7 +234,7 @@ async def chat(deps: Deps, agent: str | None, thread_id: str | None, identity: s
 
 @cli.group("threads")
 def threads_cmd() -> None:
-    """List, show, launch, pause, resume and cancel threads."""
+    """List, show, launch, pause, resume and cancel threads. Archive or purge finished ones."""
 
 
 @threads_cmd.command("list")
@@ -282,6 +303,58 @@ _control_command("resume", control.resume, "Resume a paused (or failed) thread."
 _control_command("cancel", control.cancel, "Cancel a thread for good.")
 
 
+def _older_than(days: int | None, deps: Deps) -> int:
+    return (deps.settings.retention_days if days is None else days) * retention.DAY_MS
+
+
+def _progress(tally: retention.Tally) -> None:
+    click.echo(f"  ... {tally}", err=True)
+
+
+older_than_option = click.option(
+    "--older-than", "days", type=click.IntRange(min=0), metavar="DAYS",
+    help="Threads whose last event is at least this many days old (default: HANDRAIL_RETENTION_DAYS, 30).",
+)  # fmt: skip
+
+
+@threads_cmd.command("archive")
+@older_than_option
+@click.option("--to", "path", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="JSON-lines file to append to (default: handrail-archive-<UTC time>.jsonl).")  # fmt: skip
+@with_deps(config=False)
+async def threads_archive(deps: Deps, days: int | None, path: str | None) -> None:
+    """Write finished threads (done, failed, cancelled) to a file, one JSON line each with its events, then
+    delete them from Redis. Threads still going on are never touched."""
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    target = Path(path or f"handrail-archive-{datetime.now(UTC):%Y%m%d-%H%M%S}.jsonl")
+    archive = retention.JsonLinesArchive(target)
+    async with retention.sweeping(deps.redis, deps.keys) as lease:
+        tally = await _sweeper(deps).sweep(
+            now_ms=await retention.redis_now(deps.redis), older_than_ms=_older_than(days, deps),
+            archive=archive, lease=lease, progress=_progress,
+        )  # fmt: skip
+    click.echo(f"{tally}; {archive.written} archived to {target}")
+
+
+@threads_cmd.command("purge")
+@older_than_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@with_deps(config=False)
+async def threads_purge(deps: Deps, days: int | None, yes: bool) -> None:
+    """Delete finished threads (done, failed, cancelled) and everything kept for them, without archiving;
+    the same as the periodic retention sweep, now. Threads still going on are never touched."""
+    older = _older_than(days, deps)
+    if not yes and not click.confirm(f"Delete finished threads older than {older // retention.DAY_MS} days?"):
+        raise click.Abort()
+    async with retention.sweeping(deps.redis, deps.keys) as lease:
+        tally = await _sweeper(deps).sweep(
+            now_ms=await retention.redis_now(deps.redis), older_than_ms=older, lease=lease, progress=_progress
+        )
+    click.echo(str(tally))
+
+
 # -- approvals ------------------------------------------------------------------------------------------------
 
 
@@ -341,7 +414,7 @@ async def approvals_reject(deps: Deps, approval_id: str, reason: str, identity: 
 
 @cli.group("dlq")
 def dlq_cmd() -> None:
-    """Entries that failed again and again: see why, and retry them."""
+    """Entries that failed again and again: see why, retry them, or purge them."""
 
 
 @dlq_cmd.command("list")
@@ -353,6 +426,23 @@ async def dlq_list(deps: Deps) -> None:
         click.echo("no dead letters")
     for dlq_id, f in rows:
         click.echo(f"{dlq_id}  from {f.get('stream', '?')}: {f.get('error', '')}")
+
+
+@dlq_cmd.command("purge")
+@click.argument("dlq_ids", nargs=-1, metavar="[ID]...")
+@click.option("--older-than", "days", type=click.IntRange(min=0), metavar="DAYS",
+              help="Every dead letter at least this many days old.")  # fmt: skip
+@with_deps(config=False)
+async def dlq_purge(deps: Deps, dlq_ids: tuple[str, ...], days: int | None) -> None:
+    """Remove dead letters for good: the given ids, or all older than --older-than DAYS (0: all of them)."""
+    if (days is None) == (not dlq_ids):
+        raise click.UsageError("give either dead-letter ids or --older-than DAYS")
+    if days is not None:
+        cutoff = await retention.redis_now(deps.redis) - days * retention.DAY_MS
+        count = await retention.purge_dead_letters_before(deps.redis, deps.keys, cutoff)
+    else:
+        count = await retention.purge_dead_letters(deps.redis, deps.keys, dlq_ids)
+    click.echo(f"purged {count} dead letter{'s' if count != 1 else ''}")
 
 
 @dlq_cmd.command("retry")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 INBOUND_GROUP = "workers"
+THREAD_SUFFIXES = ("log", "rcpt")  # the core's keys of a thread; channels name theirs (see Keys.thread_keys)
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,22 @@ class Keys:
     def seen(self, key: str) -> str:
         return f"{self.ns}:seen:{key}"
 
+    def thread_key(self, thread_id: str, suffix: str) -> str:
+        """A key that belongs to one thread, a channel's included: it lives and expires with the thread."""
+        return f"{self.ns}:{{t:{thread_id}}}:{suffix}"
+
+    def thread_keys(self, thread_id: str, channel_suffixes: Sequence[str] = ()) -> list[str]:
+        """Every key a thread owns, for its expiry: its ``{t:ID}`` keys (the core's and the channels' suffixes)
+        and its launch's repeat check, so a channel can start a thread of the same id afresh. Its approval
+        records are named in its log, not here."""
+        tagged = [self.thread_key(thread_id, s) for s in (*THREAD_SUFFIXES, *channel_suffixes)]
+        return [*tagged, self.seen(f"launch:{thread_id}")]
+
     def log(self, thread_id: str) -> str:
-        return f"{self.ns}:{{t:{thread_id}}}:log"
+        return self.thread_key(thread_id, "log")
 
     def receipts(self, thread_id: str) -> str:
-        return f"{self.ns}:{{t:{thread_id}}}:rcpt"
+        return self.thread_key(thread_id, "rcpt")
 
     @property
     def threads(self) -> str:
@@ -58,3 +71,15 @@ class Keys:
     @property
     def dlq(self) -> str:
         return f"{self.ns}:dlq"
+
+    @property
+    def retention_lease(self) -> str:
+        return f"{self.ns}:retention:lease"
+
+    @property
+    def retention_due(self) -> str:
+        return f"{self.ns}:retention:due"
+
+    @property
+    def retention_cursor(self) -> str:
+        return f"{self.ns}:retention:cursor"

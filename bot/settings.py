@@ -21,6 +21,8 @@ class Settings:
     max_deliveries: int = 3  # failed attempts at one inbound entry before it goes to the dead-letter stream
     namespace: str = "hr"  # prefix of every Redis key
     drain_seconds: float = 20.0  # on hand-over and shutdown, how long running steps may take to finish
+    retention_days: int = 30  # a finished thread is deleted this long after its last event; 0 keeps it forever
+    retention_sweep_s: int = 3600  # how often one process (up or scheduler) looks for expired threads
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -35,6 +37,8 @@ class Settings:
             max_deliveries=_int(env, "HANDRAIL_MAX_DELIVERIES", 3, 1, 100),
             namespace=env.get("HANDRAIL_NAMESPACE", "hr"),
             drain_seconds=_int(env, "HANDRAIL_DRAIN_SECONDS", 20, 0, 3600),
+            retention_days=_int(env, "HANDRAIL_RETENTION_DAYS", 30, 0, 36_500),
+            retention_sweep_s=_int(env, "HANDRAIL_RETENTION_SWEEP_S", 3600, 10, 7 * 86_400),
         )
 
 

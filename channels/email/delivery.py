@@ -28,9 +28,19 @@ BASE_DELAY = 0.5
 REFS_KEPT = 20
 
 
+NOTICE_PREFIX = "email-notice-"  # the pseudo-thread of a notice about a mail that belongs to no thread
+# The keys this channel keeps per thread: they expire with the thread (bot.retention).
+THREAD_KEY_SUFFIXES = ("email:refs", "email:refs:last_in")
+
+
 def refs_key(deps: Deps, thread_id: str) -> str:
     """The thread's Message-IDs, oldest first: the References of the next mail."""
-    return f"{deps.keys.ns}:{{t:{thread_id}}}:email:refs"
+    return deps.keys.thread_key(thread_id, "email:refs")
+
+
+def last_in_key(deps: Deps, thread_id: str) -> str:
+    """The Message-ID of the thread's latest incoming mail, which the next reply answers."""
+    return deps.keys.thread_key(thread_id, "email:refs:last_in")
 
 
 def msgid_key(deps: Deps, message_id: str) -> str:
@@ -46,8 +56,9 @@ def approval_mail_key(deps: Deps, message_id: str) -> str:
 async def remember(deps: Deps, thread_id: str, message_id: str) -> None:
     pipe = deps.redis.pipeline(transaction=True)
     pipe.set(msgid_key(deps, message_id), thread_id, ex=links.TOKEN_TTL)
-    pipe.rpush(refs_key(deps, thread_id), message_id)
-    pipe.ltrim(refs_key(deps, thread_id), -REFS_KEPT, -1)
+    if not thread_id.startswith(NOTICE_PREFIX):  # no later mail follows a notice: a list would never expire (S14)
+        pipe.rpush(refs_key(deps, thread_id), message_id)
+        pipe.ltrim(refs_key(deps, thread_id), -REFS_KEPT, -1)
     await pipe.execute()
 
 
@@ -77,13 +88,14 @@ async def build(deps: Deps, settings: EmailSettings, msg: Outbound) -> list[Emai
     extra = msg.ref.model_extra or {}
     refs = [r.decode() for r in await deps.redis.lrange(refs_key(deps, msg.thread_id), 0, -1)]
     in_reply_to = str(extra.get("message_id") or "")
-    last_in = await deps.redis.get(f"{refs_key(deps, msg.thread_id)}:last_in")
+    last_in = await deps.redis.get(last_in_key(deps, msg.thread_id))
     if last_in is not None:
         in_reply_to = last_in.decode()
     subject = _subject(str(extra.get("subject") or ""))
-    reply_to = settings.plus(await links.thread_token(deps, settings, msg.thread_id))
     if extra.get("notice"):  # a note about one mail (why it was not a decision): threaded to that mail only
         in_reply_to, refs, reply_to = str(extra.get("message_id") or ""), [], settings.address
+    else:
+        reply_to = settings.plus(await links.thread_token(deps, settings, msg.thread_id))
     targets: list[tuple[str, str]] = [(msg.ref.address, "")]  # (address, approver identity for links)
     if msg.kind == "approval_request" and msg.approval:
         reply_to = settings.plus(await links.approval_token(deps, settings, msg.approval["id"]))
@@ -123,6 +135,8 @@ def sender(deps: Deps, settings: EmailSettings) -> Deliver:
                 # the message never names the password: aiosmtplib does not put it there
                 where = f"{settings.smtp_host}:{settings.smtp_port}"
                 raise RuntimeError(f"smtp {where}: {type(exc).__name__}: {exc}") from None
+        if msg.thread_id.startswith(NOTICE_PREFIX):
+            return None  # nothing ever updates a notice, and its receipt would be a key that never expires (S14)
         return Receipt(channel_id=str(mails[0]["Message-ID"]))
 
     return deliver

@@ -26,7 +26,7 @@ from bot.outbox import Outbound, outbox_command
 from bot.runtime import Deps
 from bot.threads import Status
 from channels.email import links
-from channels.email.delivery import KIND, approval_mail_key, msgid_key, refs_key, remember
+from channels.email.delivery import KIND, NOTICE_PREFIX, approval_mail_key, last_in_key, msgid_key, remember
 from channels.email.mime import Incoming, parse
 from channels.email.settings import EmailSettings
 
@@ -199,7 +199,7 @@ class EmailInbound:
 
     async def _record_inbound(self, thread_id: str, mail: Incoming) -> None:
         await remember(self.deps, thread_id, mail.message_id)
-        await self.deps.redis.set(f"{refs_key(self.deps, thread_id)}:last_in", mail.message_id, ex=links.TOKEN_TTL)
+        await self.deps.redis.set(last_in_key(self.deps, thread_id), mail.message_id, ex=links.TOKEN_TTL)
 
     async def _decide(self, mail: Incoming, approval_id: str, dkim_problem: str) -> Handled:
         if dkim_problem:
@@ -228,7 +228,7 @@ class EmailInbound:
         if forged:
             return Handled("ignored", f"no decision ({why}); not answered: looks forged")
         msg = Outbound(
-            id=new_id(), thread_id=thread_id or f"email-notice-{new_id()}", ref=self._ref(mail, notice=True),
+            id=new_id(), thread_id=thread_id or f"{NOTICE_PREFIX}{new_id()}", ref=self._ref(mail, notice=True),
             kind="text",
             text=f"Your reply was not taken as a decision: {why}.",
         )  # fmt: skip
