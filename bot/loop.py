@@ -247,14 +247,19 @@ class Runner:
 
     async def advance(self, tx: Tx, agent: Agent, turn: Turn) -> TurnOutcome:
         """Take steps until the thread waits. Each step's events are committed before the next step starts, so
-        a crash loses at most the step in flight; the caller commits the last one (with its inbound ack)."""
+        a crash loses at most the step in flight (a tool's start and result are committed around it); the caller
+        commits the last step with the inbound entry's ack. The inbound event itself travels with the first step's
+        commit: until then its entry is on the stream, so nothing is lost."""
+        stepped = False
         while True:
             action = next_action(tx.thread, agent)
             if isinstance(action, Wait):
                 return Waiting()
             if turn.should_stop():
                 return Stopped()
-            await tx.flush()
+            if stepped and not isinstance(action, RunTool | Prefetch):  # a tool commits before it runs anyway
+                await tx.flush()
+            stepped = True
             match action:
                 case RunTool():
                     await self.run_tool(tx, agent, action)
