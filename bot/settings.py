@@ -20,6 +20,9 @@ class Settings:
     lease_ms: int = 5000  # a dead worker's partitions move to another after this long
     max_deliveries: int = 3  # failed attempts at one inbound entry before it goes to the dead-letter stream
     namespace: str = "hr"  # prefix of every Redis key
+    redis_timeout_ms: int = 500  # one Redis attempt (connect, or a reply) fails after this long
+    redis_retry_ms: int = 1000  # a Redis call retries a dropped connection for at most this long, then fails
+    allow_eviction: bool = False  # run on a Redis whose maxmemory-policy may evict Handrail's keys
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -33,6 +36,9 @@ class Settings:
             lease_ms=_int(env, "HANDRAIL_LEASE_MS", 5000, 200, 600_000),
             max_deliveries=_int(env, "HANDRAIL_MAX_DELIVERIES", 3, 1, 100),
             namespace=env.get("HANDRAIL_NAMESPACE", "hr"),
+            redis_timeout_ms=_int(env, "HANDRAIL_REDIS_TIMEOUT_MS", 500, 50, 60_000),
+            redis_retry_ms=_int(env, "HANDRAIL_REDIS_RETRY_MS", 1000, 0, 600_000),
+            allow_eviction=_flag(env, "HANDRAIL_ALLOW_EVICTION"),
         )
 
 
@@ -47,3 +53,12 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     if not lo <= value <= hi:
         raise ConfigError("environment", name, f"must be between {lo} and {hi}, got {value}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError("environment", name, f"expected 1 or 0, got {raw!r}")
