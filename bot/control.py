@@ -52,8 +52,9 @@ async def launch(
         thread_id=thread_id, key=f"launch:{thread_id}", agent=agent, ref=ref, business_key=business_key
     )
     first = MessageReceived(thread_id=thread_id, key=key or f"msg:{new_id()}", text=text, user=ref.user, ref=ref)
-    _, entry = await deps.bus.publish_all([launched, first])  # a launched thread never lacks its message
-    return Accepted(thread_id, entry)
+    # both or neither: a launched thread never lacks its message, and a repeated message launches nothing
+    entries = await deps.bus.publish_all([launched, first])
+    return Accepted(thread_id, entries[1] if entries else None)
 
 
 async def send(deps: Deps, thread_id: str, text: str, ref: ChannelRef, *, key: str | None = None) -> Accepted:
