@@ -81,3 +81,11 @@ async def test_a_decision_retried_after_a_lost_reply_tells_the_decider_ok_and_de
     monkeypatch.setitem(approvals._scripts, deps.redis, script)
     late = await approvals.decide(deps.redis, deps.keys, approval_id, by="terminal:bob", approved=False)
     assert (late.result, late.state, late.by) == ("decided", "approved", "terminal:alice"), "first decision wins"
+
+
+async def test_a_second_launch_of_one_thread_with_a_new_message_continues_it(deps: Deps) -> None:
+    first = await control.launch(deps, "refund-desk", "hi", ALICE, thread_id="t5", key="m-1")
+    second = await control.launch(deps, "refund-desk", "again", ALICE, thread_id="t5", key="m-2")
+    assert not first.duplicate and not second.duplicate
+    assert [t for _, t in await _stream(deps, "t5")] == ["thread.launched", "message.received", "message.received"]
+    assert (await control.launch(deps, "refund-desk", "again", ALICE, thread_id="t5", key="m-2")).duplicate
