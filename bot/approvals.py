@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import json
+import secrets
 import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
-from bot import codec
+from bot import codec, install
 from bot.bus import SEEN_TTL, Command
 from bot.errors import ApprovalRequired, NotFound
 from bot.events import ApprovalDecided, ApprovalRequested, args_hash, now_ms
 from bot.keys import Keys
 
 # First decision wins: check the state, check the approver, record the decision and put the event on the
-# inbound stream, all in one step. ARGV: identity, "1"/"0", time, encoded event, ttl, id, approved-args hash.
-_DECIDE = """
-local st = redis.call('HMGET', KEYS[1], 'state', 'approvers', 'by', 'at')
+# inbound stream, all in one step. The decision keeps the caller's nonce, so the same call retried by the client
+# after a lost reply is told "ok" again, not "already decided".
+# KEYS: approval, pending set, seen key, inbound stream, recorded settings.
+# ARGV: identity, "1"/"0", time, encoded event, ttl, id, approved-args hash, nonce, recorded settings.
+_DECIDE = (
+    install.CHECK_LUA.format(key=5, arg=9)
+    + """
+local st = redis.call('HMGET', KEYS[1], 'state', 'approvers', 'by', 'at', 'nonce')
 if not st[1] then return {'missing'} end
-if st[1] ~= 'pending' then return {'decided', st[1], st[3], st[4]} end
+if st[1] ~= 'pending' then
+  if st[5] == ARGV[8] then return {'ok', st[1], st[3], st[4]} end
+  return {'decided', st[1], st[3], st[4]}
+end
 local kind = string.match(ARGV[1], '^([^:]*):') or ''
 local allowed = false
 for a in string.gmatch(st[2], '[^\\n]+') do
@@ -29,12 +39,13 @@ end
 if not allowed then return {'forbidden'} end
 local state = 'rejected'
 if ARGV[2] == '1' then state = 'approved' end
-redis.call('HSET', KEYS[1], 'state', state, 'by', ARGV[1], 'at', ARGV[3], 'approved_hash', ARGV[7])
+redis.call('HSET', KEYS[1], 'state', state, 'by', ARGV[1], 'at', ARGV[3], 'approved_hash', ARGV[7], 'nonce', ARGV[8])
 redis.call('ZREM', KEYS[2], ARGV[6])
 redis.call('SET', KEYS[3], '1', 'EX', ARGV[5])
 redis.call('XADD', KEYS[4], '*', 'e', ARGV[4])
 return {'ok', state, ARGV[1], ARGV[3]}
 """
+)
 
 _scripts: weakref.WeakKeyDictionary[aioredis.Redis, Any] = weakref.WeakKeyDictionary()
 _close_scripts: weakref.WeakKeyDictionary[aioredis.Redis, Any] = weakref.WeakKeyDictionary()
@@ -198,16 +209,20 @@ async def decide(
     script = _scripts.get(redis)
     if script is None:
         script = _scripts[redis] = redis.register_script(_DECIDE)
-    res = await script(
-        keys=[
-            keys.approval(approval_id),
-            keys.pending_approvals,
-            keys.seen(event.key),
-            keys.inbound_for(rec.thread_id),
-        ],
-        args=[by, "1" if approved else "0", now_ms(), codec.encode(event, keep_thread=True), SEEN_TTL,
-              approval_id, event.args_hash],
-    )  # fmt: skip
+    try:
+        res = await script(
+            keys=[
+                keys.approval(approval_id),
+                keys.pending_approvals,
+                keys.seen(event.key),
+                keys.inbound_for(rec.thread_id),
+                keys.settings,
+            ],
+            args=[by, "1" if approved else "0", now_ms(), codec.encode(event, keep_thread=True), SEEN_TTL,
+                  approval_id, event.args_hash, secrets.token_hex(8), install.ours(keys).dump()],
+        )  # fmt: skip
+    except ResponseError as exc:
+        raise install.refused(exc, keys) or exc from None
     kind = res[0].decode()
     if kind in ("ok", "decided"):
         return Outcome(kind, res[1].decode(), (res[2] or b"").decode(), int(res[3] or 0))

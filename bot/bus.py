@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,27 +11,47 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from bot import codec
+from bot import codec, install
 from bot.errors import LeaseLost, LogConflict, NotFound
 from bot.events import Event
 from bot.keys import INBOUND_GROUP, Keys
 
 SEEN_TTL = 7 * 24 * 3600  # a repeat of an inbound event within a week is recognised at the door
 
-# Accept events once: for each, remember its idempotency key and put it on the stream, all in one step.
-# KEYS: the stream, then one seen-key per event. ARGV: ttl, then (payload, key) per event; key '' skips the check.
-_PUBLISH = """
+# Accept events once, all of a call's events or none: if any event's idempotency key was seen, the call is a
+# repeat and publishes nothing. A seen key holds "<nonce> <entry id>", so the same call retried by the client after
+# a lost reply (same nonce) answers the entry ids of its first run instead of "repeat".
+# KEYS: the stream, the recorded settings, then one seen-key per event.
+# ARGV: ttl, nonce, recorded settings, then (payload, key) per event; key '' skips the check (and the retry guard).
+_PUBLISH = (
+    install.CHECK_LUA.format(key=2, arg=3)
+    + """
+local n = #KEYS - 2
+local earlier, retried = {}, false
+for i = 1, n do
+  if ARGV[2 * i + 3] ~= '' then
+    local seen = redis.call('GET', KEYS[i + 2])
+    if seen then
+      local nonce, id = string.match(seen, '^(%S+) (%S+)$')
+      if nonce ~= ARGV[2] then return false end
+      earlier[i], retried = id, true
+    end
+  end
+end
 local out = {}
-for i = 2, #KEYS do
-  local payload, key = ARGV[2 * i - 2], ARGV[2 * i - 1]
-  if key == '' or redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
-    out[i - 1] = redis.call('XADD', KEYS[1], '*', 'e', payload)
+for i = 1, n do
+  if retried then
+    out[i] = earlier[i] or false
   else
-    out[i - 1] = false
+    out[i] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2 * i + 2])
+    if ARGV[2 * i + 3] ~= '' then
+      redis.call('SET', KEYS[i + 2], ARGV[2] .. ' ' .. out[i], 'EX', ARGV[1])
+    end
   end
 end
 return out
 """
+)
 
 # Run a batch of commands only while the caller still holds its partition lease (the fencing check) and,
 # when KEYS[2] names a thread log, only if that log still ends where the caller last saw it: a commit that
@@ -80,20 +101,32 @@ class Bus:
 
         Only after this returns may a source be told "accepted".
         """
-        return (await self.publish_all([event], dedupe=dedupe))[0]
+        ids = await self.publish_all([event], dedupe=dedupe)
+        return ids[0] if ids else None
 
-    async def publish_all(self, events: Sequence[Event], *, dedupe: bool = True) -> list[str | None]:
-        """Publish events of one thread together: all of them are on the stream, in order, or none."""
+    async def publish_all(self, events: Sequence[Event], *, dedupe: bool = True) -> list[str] | None:
+        """Publish events of one thread together, in order: all of them, or none if any is a repeat (its
+        idempotency key was seen). Returns their entry ids, or None for a repeat.
+
+        Safe under the client's retry: a retried call answers the ids of its first run. With ``dedupe=False``
+        nothing is checked and a retried call may publish twice.
+        """
         if len({e.thread_id for e in events}) != 1:
             raise ValueError("publish_all takes events of exactly one thread")
-        args: list[Any] = [SEEN_TTL]
+        args: list[Any] = [SEEN_TTL, secrets.token_hex(8), install.ours(self.keys).dump()]
         for e in events:
             if dedupe and not e.key:
                 raise ValueError(f"inbound event {e.type} has no idempotency key")
             args += [codec.encode(e, keep_thread=True), e.key if dedupe else ""]
         seen = [self.keys.seen(e.key or "-") for e in events]
-        entries = await self._publish(keys=[self.keys.inbound_for(events[0].thread_id), *seen], args=args)
-        return [entry.decode() if entry else None for entry in entries]
+        stream = self.keys.inbound_for(events[0].thread_id)
+        try:
+            entries = await self._publish(keys=[stream, self.keys.settings, *seen], args=args)
+        except ResponseError as exc:
+            raise install.refused(exc, self.keys) or exc from None
+        if entries is None:
+            return None
+        return [entry.decode() if entry else "" for entry in entries]
 
     async def fenced(
         self, lease_key: str, token: str, commands: Sequence[Command], *, log: str = "", last_id: str = "0-0"

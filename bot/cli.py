@@ -40,14 +40,16 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         ) from None
 
 
-def with_deps(*, config: bool = True) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
+def with_deps(
+    *, config: bool = True, check_settings: bool = True
+) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
     """Run an async command body with the runtime's dependencies opened (and closed) around it."""
 
     def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         @wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
             async def main() -> Any:
-                async with open_deps(with_config=config) as deps:
+                async with open_deps(with_config=config, check_settings=check_settings) as deps:
                     return await fn(deps, *args, **kwargs)
 
             return _run(main())
@@ -485,6 +487,27 @@ async def schedules_run(deps: Deps, name: str) -> None:
     from channels import schedules
 
     click.echo((await schedules.fire_now(deps, name)).thread_id)
+
+
+# -- installation -------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("partitions", type=click.IntRange(1, 1024))
+@with_deps(config=False, check_settings=False)
+async def repartition(deps: Deps, partitions: int) -> None:
+    """Change the partition count to PARTITIONS for every process.
+
+    Stop every worker first. Entries waiting on the inbound streams move to their new partitions, in order;
+    then start every process with HANDRAIL_PARTITIONS=PARTITIONS (processes with the old value refuse to start).
+    """
+    from bot.repartition import repartition as move
+
+    done = await move(deps.redis, deps.keys.ns, partitions, lease_ms=deps.settings.lease_ms)
+    click.echo(f"partitions: {done.old} -> {done.new}; {done.moved} waiting entries moved")
+    for where in done.dead_lettered:
+        click.echo(f"  unreadable entry {where} went to the dead-letter stream ('handrail dlq list')")
+    click.echo(f"now start every process with HANDRAIL_PARTITIONS={done.new}")
 
 
 def main() -> None:

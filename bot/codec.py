@@ -13,6 +13,8 @@ from typing import Any
 
 from bot.events import Event, parse_event
 
+VERSION = 1  # of this encoding; every process of an installation must read and write the same one
+
 # Words that recur in every thread log; zlib can back-reference them from the very first event.
 _ZDICT = (
     b'"type":"thread.launched""type":"message.received""type":"tool.call""type":"tool.started"'

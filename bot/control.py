@@ -45,15 +45,19 @@ async def launch(
     key: str | None = None,
     business_key: str = "",
 ) -> Accepted:
-    """Start a thread for ``agent`` with a first message; returns once both events are on the inbound stream."""
+    """Start a thread for ``agent`` with a first message, or continue it with the message if it was launched
+    before; returns once the events are on the inbound stream (``duplicate`` if the message was seen)."""
     deps.agents.agent(agent)  # fails with a clear error for an unknown agent
     thread_id = thread_id or new_id()
     launched = ThreadLaunched(
         thread_id=thread_id, key=f"launch:{thread_id}", agent=agent, ref=ref, business_key=business_key
     )
     first = MessageReceived(thread_id=thread_id, key=key or f"msg:{new_id()}", text=text, user=ref.user, ref=ref)
-    _, entry = await deps.bus.publish_all([launched, first])  # a launched thread never lacks its message
-    return Accepted(thread_id, entry)
+    # Both or neither: a launched thread never lacks its message, and a repeated message launches nothing.
+    entries = await deps.bus.publish_all([launched, first])
+    if entries is None:  # launched before (or this message was seen): the message alone continues it, if new
+        return Accepted(thread_id, await deps.bus.publish(first))
+    return Accepted(thread_id, entries[1])
 
 
 async def send(deps: Deps, thread_id: str, text: str, ref: ChannelRef, *, key: str | None = None) -> Accepted:

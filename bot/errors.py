@@ -53,3 +53,8 @@ class ApprovalRequired(Exception):
     def __init__(self, tool: str, call_id: str, why: str) -> None:
         self.tool, self.call_id, self.why = tool, call_id, why
         super().__init__(f"refusing to run {tool} ({call_id}): {why}")
+
+
+class SettingsMismatch(HandrailError):
+    """This process's settings differ from those recorded for the installation in Redis; the message says
+    which and what to do."""

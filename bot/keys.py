@@ -31,6 +31,11 @@ class Keys:
         return f"{self.ns}:fence:{partition}"
 
     @property
+    def settings(self) -> str:
+        """What every process must agree on, recorded at first start (bot/install.py)."""
+        return f"{self.ns}:settings"
+
+    @property
     def workers(self) -> str:
         return f"{self.ns}:workers"
 

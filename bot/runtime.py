@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from bot import install
 from bot.bus import Bus
 from bot.config import Config, load_config
 from bot.connections import connect, redis_url
@@ -31,16 +32,34 @@ class Deps:
 
 
 @asynccontextmanager
-async def open_deps(settings: Settings | None = None, *, with_config: bool = True) -> AsyncIterator[Deps]:
-    """Open Redis (embedded if REDIS_URL is unset) and load the config; close in reverse order."""
+async def open_deps(
+    settings: Settings | None = None, *, with_config: bool = True, check_settings: bool = True
+) -> AsyncIterator[Deps]:
+    """Open Redis (embedded if REDIS_URL is unset), check it and the installation's recorded settings, and load
+    the config; close in reverse order. ``check_settings=False`` is for the commands that change those settings."""
     settings = settings or Settings.from_env()
     config = load_config(settings.config_path, settings.prompts_dir) if with_config else None
     # every owned partition holds a connection in a blocking read; leave room for everything else
-    client = connect(redis_url(settings.redis_url, settings.data_dir), max_connections=settings.partitions + 48)
+    client = connect(
+        redis_url(settings.redis_url, settings.data_dir),
+        max_connections=settings.partitions + 48,
+        timeout_ms=settings.redis_timeout_ms,
+        retry_ms=settings.redis_retry_ms,
+    )
     try:
         keys = Keys(settings.namespace, settings.partitions)
+        await install.check_eviction(client, allow=settings.allow_eviction)
+        if check_settings:
+            await install.check(client, keys)
         bus = Bus(client, keys)
         await bus.ensure_groups()
         yield Deps(client, keys, bus, settings, config)
     finally:
         await client.aclose()
+
+
+async def check_installation(deps: Deps) -> None:
+    """Check the recorded settings again (SettingsMismatch if they changed); if Redis came back empty, record
+    them and re-create what start-up created. Cheap (one GET): call it from loops that outlive a Redis restart."""
+    if await install.check(deps.redis, deps.keys):
+        await deps.bus.ensure_groups()

@@ -23,6 +23,9 @@ class Settings:
     drain_seconds: float = 20.0  # on hand-over and shutdown, how long running steps may take to finish
     retention_days: int = 30  # a finished thread is deleted this long after its last event; 0 keeps it forever
     retention_sweep_s: int = 3600  # how often one process (up or scheduler) looks for expired threads
+    redis_timeout_ms: int = 500  # one Redis attempt (connect, or a reply) fails after this long
+    redis_retry_ms: int = 1000  # a Redis call retries a dropped connection for at most this long, then fails
+    allow_eviction: bool = False  # run on a Redis whose maxmemory-policy may evict Handrail's keys
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -39,6 +42,9 @@ class Settings:
             drain_seconds=_int(env, "HANDRAIL_DRAIN_SECONDS", 20, 0, 3600),
             retention_days=_int(env, "HANDRAIL_RETENTION_DAYS", 30, 0, 36_500),
             retention_sweep_s=_int(env, "HANDRAIL_RETENTION_SWEEP_S", 3600, 10, 7 * 86_400),
+            redis_timeout_ms=_int(env, "HANDRAIL_REDIS_TIMEOUT_MS", 500, 50, 60_000),
+            redis_retry_ms=_int(env, "HANDRAIL_REDIS_RETRY_MS", 1000, 0, 600_000),
+            allow_eviction=_flag(env, "HANDRAIL_ALLOW_EVICTION"),
         )
 
 
@@ -53,3 +59,12 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     if not lo <= value <= hi:
         raise ConfigError("environment", name, f"must be between {lo} and {hi}, got {value}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError("environment", name, f"expected 1 or 0, got {raw!r}")

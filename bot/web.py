@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from bot.keys import INBOUND_GROUP
-from bot.runtime import Deps
+from bot.errors import SettingsMismatch
+from bot.runtime import Deps, check_installation
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024  # bytes; larger request bodies get 413
 
@@ -61,6 +66,10 @@ def _too_large(limit: int) -> JSONResponse:
     return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
 
 
+def _unavailable(body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+
 def create_app(deps: Deps) -> FastAPI:
     """The ASGI app over already-opened dependencies (the caller owns their lifetime)."""
     from channels import api, webhooks
@@ -97,19 +106,28 @@ def create_app(deps: Deps) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: Redis answers and every inbound partition has its consumer group."""
+        """Readiness: Redis answers and holds the same settings as this process (recorded again if Redis came
+        back empty)."""
         try:
-            await deps.redis.ping()
-            missing = []
-            for p in range(deps.keys.partitions):
-                groups = await deps.redis.xinfo_groups(deps.keys.inbound(p))
-                if not any(g["name"].decode() == INBOUND_GROUP for g in groups):
-                    missing.append(p)
+            await check_installation(deps)
         except RedisError as exc:
-            return JSONResponse({"ready": False, "reason": f"redis: {exc}"}, status_code=503)
-        if missing:
-            return JSONResponse({"ready": False, "reason": f"no consumer group on partitions {missing}"}, 503)
+            return _unavailable({"ready": False, "reason": f"redis: {exc}"})
+        except SettingsMismatch as exc:
+            return _unavailable({"ready": False, "reason": str(exc)})
         return JSONResponse({"ready": True})
+
+    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+        # Redis stopped, frozen or refusing: a short, retryable answer instead of a 500 (the cause is logged)
+        log.warning("%s %s: Redis error: %s", request.method, request.url.path, exc)
+        return _unavailable({"detail": "Redis is unavailable; try again shortly"})
+
+    for outage in (RedisConnectionError, RedisTimeoutError):  # not every RedisError: a WRONGTYPE is our bug, a 500
+        app.add_exception_handler(outage, redis_down)
+
+    @app.exception_handler(SettingsMismatch)
+    async def stale_settings(request: Request, exc: SettingsMismatch) -> JSONResponse:
+        log.error("%s", exc)
+        return _unavailable({"detail": "this server's settings differ from the installation's; try again shortly"})
 
     app.add_middleware(BodyLimit)
     return app

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from bot import control
 from bot.config import ScheduleSpec
+from bot.connections import server_time_ms
 from bot.errors import HandrailError
 from bot.events import ChannelRef, new_id
 from bot.keys import Keys
@@ -216,8 +217,11 @@ async def tick(deps: Deps, now: datetime, *, grace: timedelta = GRACE) -> list[F
 async def run_scheduler(
     deps: Deps, stop: asyncio.Event, *, interval: float = 1.0, clock: Callable[[], datetime] | None = None
 ) -> None:
-    """Tick until ``stop`` is set. Errors are logged and retried: a scheduler outlives Redis restarts."""
-    now = clock or (lambda: datetime.now(UTC))
+    """Tick until ``stop`` is set. Errors are logged and retried: a scheduler outlives Redis restarts.
+
+    "Now" is Redis's clock unless ``clock`` is given: replicas on machines whose clocks disagree still agree on
+    what is due, so none fires early and makes the others skip.
+    """
     names = list(deps.agents.spec.schedules)
     if not names:
         log.info("no schedules configured; the scheduler idles")
@@ -227,7 +231,7 @@ async def run_scheduler(
     failures = 0
     while not stop.is_set():
         try:
-            await tick(deps, now())
+            await tick(deps, clock() if clock else await redis_now(deps))
             failures = 0
         except (RedisError, OSError) as exc:
             failures += 1
@@ -238,6 +242,11 @@ async def run_scheduler(
         delay = min(interval * 2 ** min(failures, 6), max(interval, _MAX_BACKOFF)) if failures else interval
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
+
+
+async def redis_now(deps: Deps) -> datetime:
+    """Redis's clock, the one every replica shares."""
+    return datetime.fromtimestamp(await server_time_ms(deps.redis) / 1000, UTC)
 
 
 def _spec(deps: Deps, name: str) -> ScheduleSpec:
@@ -256,7 +265,7 @@ async def fire_now(deps: Deps, name: str) -> control.Accepted:
         deps, spec.agent, spec.message, _ref(name, spec), thread_id=f"sched-{name}-run-{run}",
         key=f"schedule:{name}:run:{run}",
     )  # fmt: skip
-    fired = Fired(name, datetime.now(ZoneInfo(spec.timezone)), accepted.thread_id)
+    fired = Fired(name, (await redis_now(deps)).astimezone(ZoneInfo(spec.timezone)), accepted.thread_id)
     await _record(deps, name, looked=None, fired=fired)
     return accepted
 
