@@ -37,3 +37,21 @@ class ApprovalRequired(Exception):
     def __init__(self, tool: str, call_id: str, why: str) -> None:
         self.tool, self.call_id, self.why = tool, call_id, why
         super().__init__(f"refusing to run {tool} ({call_id}): {why}")
+
+
+class DeliveryFailed(Exception):
+    """Signal: a channel did not take a message this time (rate limit, outage, timeout); the outbox tries it again
+    later, after ``retry_after`` seconds when the channel said how long to wait."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentDeliveryError(Exception):
+    """Signal: a channel refused a message for good (unknown recipient, a 400, a message Slack will never take);
+    the outbox dead-letters it at once with ``reason`` instead of retrying it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
