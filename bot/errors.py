@@ -58,3 +58,21 @@ class ApprovalRequired(Exception):
 class SettingsMismatch(HandrailError):
     """This process's settings differ from those recorded for the installation in Redis; the message says
     which and what to do."""
+
+
+class DeliveryFailed(Exception):
+    """Signal: a channel did not take a message this time (rate limit, outage, timeout); the outbox tries it again
+    later, after ``retry_after`` seconds when the channel said how long to wait."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentDeliveryError(Exception):
+    """Signal: a channel refused a message for good (unknown recipient, a 400, a message Slack will never take);
+    the outbox dead-letters it at once with ``reason`` instead of retrying it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

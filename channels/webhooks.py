@@ -13,11 +13,13 @@ sender rotating secrets may send several, comma-separated: any match passes). Re
 the first two.
 
 Outbound: each subscriber in ``webhooks:`` gets POSTs of the events it asked for, as JSON
-``{"id", "type", "thread_id", "agent", "at", "event": {the full event}}``. A 2xx answer is delivered; anything
-else, a timeout or a refused connection is retried with backoff (Retry-After honoured) and dead-lettered after
-10 attempts (``handrail dlq list``). Each subscriber has its own outbox and its own deliverer, and one process
-at a time delivers to it (a lease), so its events arrive in the order they happened and a dead one delays
-no one else.
+``{"id", "type", "thread_id", "agent", "at", "event": {the full event}}``. A 2xx answer is delivered. A 4xx
+other than 408, 409, 425 and 429 says the subscriber will never take that event: it is dead-lettered at once
+(``handrail dlq list``). Anything else — a 5xx, one of those four, a timeout, a refused connection — is retried
+with backoff (Retry-After honoured) and dead-lettered after 10 attempts; meanwhile the subscriber's events about
+other threads go on, those of the same thread wait their turn. Each subscriber has its own outbox and its own
+deliverer, and one process at a time delivers to it (a lease), so a thread's events arrive in the order they
+happened and a dead subscriber delays no one else.
 
 Inbound: ``POST /hooks/NAME`` (a trigger in ``triggers:``), signed with the trigger's secret, body a JSON object.
 The thread is ``hook-NAME-VALUE`` where VALUE is the payload's value at the ``thread_key`` JSON pointer (the
@@ -48,7 +50,7 @@ from pydantic import BaseModel
 
 from bot import control
 from bot.config import WebhookSpec
-from bot.errors import ConfigError
+from bot.errors import ConfigError, DeliveryFailed, PermanentDeliveryError
 from bot.events import ChannelRef
 from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt, webhook_stream
 from bot.runtime import Deps
@@ -101,12 +103,13 @@ def verify(
 # -- outbound ----------------------------------------------------------------------------------------------------
 
 
-class DeliveryFailed(Exception):
-    """A subscriber did not take an event; OutboxConsumer tries again (after ``retry_after`` when given)."""
+# 4xx answers that ask to come back later (timeout, conflict, too early, too many requests)
+RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+
+def refused_for_good(status: int) -> bool:
+    """Whether a subscriber's HTTP status means it will never take this event (so retrying is pointless)."""
+    return 400 <= status < 500 and status not in RETRYABLE_4XX
 
 
 def _secret(name: str, var: str) -> bytes:
@@ -148,7 +151,10 @@ def sender(name: str, spec: WebhookSpec, secret: bytes, client: httpx.AsyncClien
         except httpx.HTTPError as exc:  # refused, reset, unresolvable... (the message never holds the secret)
             raise DeliveryFailed(f"webhook {name}: {type(exc).__name__}: {exc}") from None
         if not response.is_success:
-            raise DeliveryFailed(f"webhook {name} answered HTTP {response.status_code}", _retry_after(response))
+            why = f"webhook {name} answered HTTP {response.status_code}"
+            if refused_for_good(response.status_code):
+                raise PermanentDeliveryError(why)
+            raise DeliveryFailed(why, _retry_after(response))
         return Receipt(channel_id=f"{name}:{response.status_code}")
 
     return deliver

@@ -1,5 +1,6 @@
 """A local fake of Slack's Web API (the client's base_url): records every call, answers like Slack, and fails on
-request (429 with Retry-After, 5xx, or no answer in time) so delivery retries can be tested."""
+request (429 with Retry-After, 5xx, an error code such as channel_not_found given as the "error" header of a
+failure, or no answer in time) so delivery retries can be tested."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ class FakeSlack:
             if call.status == 0:  # no answer in time: hang, then give up without having done anything
                 await asyncio.sleep(float(headers.get("hang", "5")))
                 return web.json_response({"ok": False, "error": "timeout"}, status=504)
-            error = "ratelimited" if call.status == 429 else "internal_error"
+            headers = dict(headers)
+            error = headers.pop("error", "ratelimited" if call.status == 429 else "internal_error")
             return web.json_response({"ok": False, "error": error}, status=call.status, headers=headers)
         if not request.headers.get("Authorization", "").startswith(("Bearer xoxb-", "Bearer xapp-")):
             return web.json_response({"ok": False, "error": "not_authed"})

@@ -334,6 +334,44 @@ async def test_a_mail_that_keeps_failing_is_dead_lettered_and_the_next_one_handl
     assert sorted(str(m["Subject"]) for m in mail.relay.mails(BOB)) == ["Re: After", "Re: Hello", "Re: Nudge"]
 
 
+async def test_a_mail_to_an_unknown_recipient_is_dead_lettered_at_once_and_the_next_one_goes_out(mail: Rig) -> None:
+    """The server answers 5xx for the recipient: no retry would help, and nobody else's mail waits on it."""
+    from bot.events import ChannelRef
+    from bot.outbox import Outbound, outbox_command
+
+    def reply(n: int, to: str) -> Outbound:
+        ref = ChannelRef(kind="email", address=to, user=f"email:{to}", subject="Status")
+        return Outbound(id=f"e{n}", thread_id=f"email-test-{n}", ref=ref, kind="text", text=f"note {n}")
+
+    pipe = mail.deps.redis.pipeline(transaction=True)
+    for m in (reply(1, f"nobody@{DOMAIN}"), reply(2, BOB)):
+        pipe.execute_command(*outbox_command(mail.deps.keys, m))
+    await pipe.execute()
+    t0 = time.monotonic()
+    [sent] = await mail.mails(BOB, 1, timeout=5)
+    assert sent.get_content().strip() == "note 2"
+    [(_, letter)] = await mail.deps.bus.dead_letters()
+    assert time.monotonic() - t0 < 3, "the bad mail was not retried first"
+    assert letter["error"].startswith(f"PermanentDeliveryError: smtp 127.0.0.1:{mail.smtp_port}: SMTP")
+    assert letter["thread_id"] == "email-test-1" and "nobody" not in str(mail.relay.received)
+
+
+def test_which_smtp_failures_are_final() -> None:
+    """A 5xx about the recipient or the content is final; a 4xx, a lost connection, a refused login are not."""
+    from channels.email.delivery import refused_for_good
+
+    unknown = aiosmtplib.SMTPRecipientRefused(550, "5.1.1 unknown user", "x@example.org")
+    full = aiosmtplib.SMTPRecipientRefused(452, "4.2.2 mailbox full", "y@example.org")
+    assert refused_for_good(unknown) and refused_for_good(aiosmtplib.SMTPRecipientsRefused([unknown]))
+    assert not refused_for_good(aiosmtplib.SMTPRecipientsRefused([unknown, full]))
+    assert refused_for_good(aiosmtplib.SMTPDataError(554, "5.7.1 message rejected as spam"))
+    assert not refused_for_good(aiosmtplib.SMTPDataError(451, "4.3.0 try again later"))
+    assert not refused_for_good(aiosmtplib.SMTPAuthenticationError(535, "5.7.8 bad credentials"))
+    assert not refused_for_good(aiosmtplib.SMTPSenderRefused(550, "5.7.1 not allowed", "bot@example.org"))
+    assert not refused_for_good(aiosmtplib.SMTPServerDisconnected("gone"))
+    assert not refused_for_good(ConnectionRefusedError())
+
+
 def test_handrail_email_without_settings_says_what_to_set(env_for: Any) -> None:
     import subprocess
     import sys

@@ -17,6 +17,8 @@ import httpx
 import pytest
 
 from bot import approvals, threads
+from bot.events import ChannelRef
+from bot.outbox import Outbound, outbox_command
 from bot.runtime import Deps
 from bot.threads import Status, Thread
 from channels.slack.delivery import deliver_slack
@@ -354,6 +356,57 @@ async def test_a_web_api_call_that_times_out_is_retried_until_delivered(
         assert attempts[1].at - attempts[0].at >= 1.0  # the first call was given up after the timeout
         assert reply.params["thread_ts"] == "1700000000.000100"
         assert await slack.deps.redis.xlen(slack.deps.keys.dlq) == 0
+
+
+def said(n: int, channel: str, thread_ts: str) -> Outbound:
+    ref = ChannelRef(kind="slack", address=channel, user="slack:UBOB", thread_ts=thread_ts)
+    return Outbound(id=f"e{n}", thread_id=f"slack-T1-{channel}-{thread_ts}", ref=ref, kind="text", text=f"say {n}")
+
+
+async def queue(deps: Deps, *msgs: Outbound) -> None:
+    pipe = deps.redis.pipeline(transaction=True)
+    for m in msgs:
+        pipe.execute_command(*outbox_command(deps.keys, m))
+    await pipe.execute()
+
+
+async def test_a_message_slack_will_never_take_is_dead_lettered_at_once_and_others_go_out(slack: Rig) -> None:
+    slack.fake.failures["chat.postMessage"] = [(200, {"error": "channel_not_found"})]
+    t0 = time.monotonic()
+    await queue(slack.deps, said(1, "CGONE", "1.1"), said(2, "CGEN", "2.1"), said(3, "CGEN", "3.1"))
+    calls = await slack.posted(3)  # Slack answers HTTP 200 to the refused call too
+    assert time.monotonic() - t0 < 1.0, "nothing waited on the bad message"
+    assert [c.params["text"] for c in calls] == ["say 1", "say 2", "say 3"], "the bad one was tried once"
+    [(_, letter)] = await slack.deps.bus.dead_letters()
+    assert letter["error"] == "PermanentDeliveryError: slack chat.postMessage: HTTP 200 channel_not_found"
+    assert (json.loads(letter["payload"])["id"], letter["thread_id"]) == ("e1", "slack-T1-CGONE-1.1")
+    redis, keys = slack.deps.redis, slack.deps.keys
+    assert await redis.hgetall(keys.receipts("slack-T1-CGONE-1.1")) == {}
+    assert await redis.hgetall(keys.receipts("slack-T1-CGEN-3.1")) == {b"slack:e3": b"1700000500.000002"}
+
+
+async def test_a_rate_limited_message_holds_back_its_own_thread_only(slack: Rig) -> None:
+    """A's first message gets a 429: B's message goes out meanwhile; A's second goes after A's first."""
+    slack.fake.failures["chat.postMessage"] = [(429, {"Retry-After": "1"})]
+    await queue(slack.deps, said(1, "CGEN", "1.1"), said(2, "CGEN", "1.1"), said(3, "COTHER", "9.1"))
+    sent = await slack.posted(3)
+    assert [c.params["text"] for c in sent] == ["say 3", "say 1", "say 2"]
+    assert sent[1].at - sent[0].at >= 0.9, "A waited out its Retry-After"
+    assert await slack.deps.bus.dead_letters() == []
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "for_good"),
+    [(200, "channel_not_found", True), (200, "not_in_channel", True), (200, "msg_too_long", True),
+     (200, "invalid_blocks", True), (200, "is_archived", True), (200, "message_not_found", True),
+     (429, "ratelimited", False), (503, "internal_error", False), (200, "fatal_error", False),
+     (200, "invalid_auth", False), (200, "token_revoked", False), (200, "missing_scope", False), (502, "", False)],
+)  # fmt: skip
+def test_which_web_api_errors_are_final(status: int, error: str, for_good: bool) -> None:
+    """Errors about the message or its channel are final; rate limits, outages and the app's own setup are not."""
+    from channels.slack.delivery import refused_for_good
+
+    assert refused_for_good(status, error) is for_good
 
 
 async def test_a_second_deliverer_waits_its_turn_so_a_thread_is_told_things_in_order(slack: Rig) -> None:

@@ -290,6 +290,39 @@ async def test_a_dead_subscriber_delays_no_one_else_and_ends_in_the_dead_letters
     assert SECRET not in caplog.text and all(SECRET not in json.dumps(f) for _, f in letters)
 
 
+async def test_an_event_a_subscriber_refuses_for_good_is_dead_lettered_at_once_and_the_rest_go_out(
+    deps: Deps, start_worker: Any, deliver: Callable[..., None], receivers: tuple[Receiver, Receiver]
+) -> None:
+    audit, _ = receivers
+    audit.answer(400)  # e.g. the subscriber's schema rejects this payload: no retry will change that
+    await start_worker()
+    await refunded(deps)
+    t0 = time.monotonic()
+    deliver(base_delay=5.0)  # a retry would take 5 s: everything arriving within a second means none happened
+    got = await audit.wait_for(3, timeout=1.0)
+    assert time.monotonic() - t0 < 1.0
+    assert [r.event for r in got] == THREE, "the refused event was tried once, the others went out after it"
+    [(_, letter)] = await deps.bus.dead_letters()
+    assert letter["error"] == "PermanentDeliveryError: webhook audit answered HTTP 400"
+    assert json.loads(letter["payload"])["event"]["type"] == "approval.requested"
+    await asyncio.sleep(0.3)
+    assert len(audit.requests) == 3
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 410, 422])
+def test_a_4xx_is_refused_for_good(status: int) -> None:
+    from channels.webhooks import refused_for_good
+
+    assert refused_for_good(status)
+
+
+@pytest.mark.parametrize("status", [302, 408, 409, 425, 429, 500, 502, 503])
+def test_a_5xx_or_a_come_back_later_4xx_is_retried(status: int) -> None:
+    from channels.webhooks import refused_for_good
+
+    assert not refused_for_good(status)
+
+
 async def test_two_deliverers_send_each_event_once_and_in_order(
     deps: Deps, start_worker: Any, deliver: Callable[..., None], receivers: tuple[Receiver, Receiver]
 ) -> None:

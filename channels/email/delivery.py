@@ -1,5 +1,8 @@
 """Email outbound: the ``email`` outbox sent over SMTP (aiosmtplib), retried by OutboxConsumer, never dropped.
 
+A mail the server refuses for good (a 5xx for its recipient or its content, e.g. 550 unknown user) is
+dead-lettered at once; a 4xx, a lost connection or a timeout is retried later while other threads' mail goes on.
+
 Every mail gets a Message-ID derived from the outbox message (a retry re-sends the same Message-ID), In-Reply-To
 and References from the thread's mail so far, and a plus-address Reply-To carrying the thread's token — or, for an
 approval request, that request's token, which a decision by reply must carry.
@@ -14,6 +17,7 @@ from email.message import EmailMessage
 
 import aiosmtplib
 
+from bot.errors import DeliveryFailed, PermanentDeliveryError
 from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt
 from bot.runtime import Deps
 from channels.email import links
@@ -114,6 +118,16 @@ async def build(deps: Deps, settings: EmailSettings, msg: Outbound) -> list[Emai
     return mails
 
 
+def refused_for_good(exc: Exception) -> bool:
+    """Whether the SMTP server refused this mail for good: a 5xx about its recipient or its content. A refused
+    login or sender address is our own set-up (every mail would fail alike), so it is retried like an outage."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return bool(exc.recipients) and all(refused_for_good(r) for r in exc.recipients)
+    if isinstance(exc, aiosmtplib.SMTPRecipientRefused | aiosmtplib.SMTPDataError):
+        return 500 <= exc.code < 600
+    return False
+
+
 def sender(deps: Deps, settings: EmailSettings) -> Deliver:
     """The Deliver function for the ``email`` outbox."""
 
@@ -133,8 +147,10 @@ def sender(deps: Deps, settings: EmailSettings) -> Deliver:
                 )  # fmt: skip
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 # the message never names the password: aiosmtplib does not put it there
-                where = f"{settings.smtp_host}:{settings.smtp_port}"
-                raise RuntimeError(f"smtp {where}: {type(exc).__name__}: {exc}") from None
+                why = f"smtp {settings.smtp_host}:{settings.smtp_port}: {type(exc).__name__}: {exc}"
+                if refused_for_good(exc):
+                    raise PermanentDeliveryError(why) from None
+                raise DeliveryFailed(why) from None
         if msg.thread_id.startswith(NOTICE_PREFIX):
             return None  # nothing ever updates a notice, and its receipt would be a key that never expires (S14)
         return Receipt(channel_id=str(mails[0]["Message-ID"]))

@@ -1,8 +1,10 @@
 """Slack outbound: the ``slack`` outbox delivered through the Web API, retried on 429 and 5xx, never dropped.
 
-A failed call raises ``DeliveryFailed`` (with Slack's Retry-After when it gave one); OutboxConsumer waits and
-tries again, and dead-letters only after many attempts (``handrail dlq list`` / ``dlq retry``). The ts of each
-message sent is kept as its receipt, so a decision later finds its approval card and updates it in place.
+A call that failed for now raises ``DeliveryFailed`` (with Slack's Retry-After when it gave one): OutboxConsumer
+sets the message aside, tries again later and dead-letters it only after many attempts (``handrail dlq list`` /
+``dlq retry``), while other threads' messages go on. A message Slack will never take (``channel_not_found``,
+``msg_too_long``, ``invalid_blocks``...) raises ``PermanentDeliveryError`` and is dead-lettered at once. The ts
+of each message sent is kept as its receipt, so a decision later finds its approval card and updates it in place.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import threads
+from bot.errors import DeliveryFailed, PermanentDeliveryError
 from bot.events import ApprovalRequested
 from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt
 from bot.runtime import Deps
@@ -25,31 +28,42 @@ from channels.slack.settings import SlackSettings
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 12  # with the backoff below: about ten minutes of Slack being down before a dead letter
+MAX_ATTEMPTS = 12  # with the backoff below: about five minutes of Slack being down before a dead letter
 BASE_DELAY = 0.5
 
+# Web API errors that mean "not now" rather than "never": Slack is busy or down, or the app's token or scopes
+# need fixing. Those hit every message alike and all of them go out once it is fixed, so they are retried
+# instead of filling the dead letters. Any other error is about the message or its channel (channel_not_found,
+# not_in_channel, is_archived, msg_too_long, invalid_blocks, no_text, message_not_found...): never retried.
+RETRYABLE_ERRORS = frozenset({
+    "ratelimited", "rate_limited", "message_limit_exceeded", "internal_error", "fatal_error", "service_unavailable",
+    "request_timeout", "timeout", "not_authed", "invalid_auth", "account_inactive", "token_revoked",
+    "token_expired", "no_permission", "missing_scope", "not_allowed_token_type", "team_access_not_granted",
+    "ekm_access_denied", "org_login_required", "accesslimited",
+})  # fmt: skip
 
-class DeliveryFailed(Exception):
-    """Slack did not take a message; OutboxConsumer tries again (after ``retry_after`` when given)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+def refused_for_good(status: int, error: str) -> bool:
+    """Whether a Web API failure (HTTP status, Slack's error code) means this message will never go out."""
+    if status == 429 or status >= 500 or not error:
+        return False
+    return error not in RETRYABLE_ERRORS
 
 
-def _failure(method: str, exc: SlackApiError) -> DeliveryFailed:
+def _failure(method: str, exc: SlackApiError) -> DeliveryFailed | PermanentDeliveryError:
     status = getattr(exc.response, "status_code", 0)
     headers = {str(k).lower(): str(v) for k, v in (getattr(exc.response, "headers", None) or {}).items()}
     retry_after = headers.get("retry-after", "")
-    error = exc.response.get("error", "") if isinstance(exc.response.data, dict) else ""
-    return DeliveryFailed(
-        f"slack {method}: HTTP {status} {error}".rstrip(),
-        float(retry_after) if retry_after.isdigit() else None,
-    )
+    error = str(exc.response.get("error", "")) if isinstance(exc.response.data, dict) else ""
+    why = f"slack {method}: HTTP {status} {error}".rstrip()
+    if refused_for_good(status, error):
+        return PermanentDeliveryError(why)
+    return DeliveryFailed(why, float(retry_after) if retry_after.isdigit() else None)
 
 
 async def _call(method: str, call: Any) -> Any:
-    """One Web API call, its failures as DeliveryFailed (messages carry no token: slack_sdk never puts it there)."""
+    """One Web API call, its failures as DeliveryFailed or PermanentDeliveryError (messages carry no token:
+    slack_sdk never puts it there)."""
     try:
         return await call
     except SlackApiError as exc:
