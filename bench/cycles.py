@@ -370,7 +370,6 @@ async def open_deps(opts: Options, ns: str) -> AsyncIterator[Deps]:
     try:
         keys = Keys(s.namespace, s.partitions)
         bus = Bus(client, keys)
-        await bus.ensure_groups()
         yield Deps(client, keys, bus, s, load_config(CONFIG))
     finally:
         await client.aclose()

@@ -14,7 +14,7 @@ from redis.exceptions import ResponseError
 from bot import codec, install
 from bot.errors import LeaseLost, LogConflict, NotFound
 from bot.events import Event
-from bot.keys import INBOUND_GROUP, Keys
+from bot.keys import Keys
 
 SEEN_TTL = 7 * 24 * 3600  # a repeat of an inbound event within a week is recognised at the door
 
@@ -87,14 +87,6 @@ class Bus:
     def __post_init__(self) -> None:
         self._publish = self.redis.register_script(_PUBLISH)
         self._fenced = self.redis.register_script(_FENCED)
-
-    async def ensure_groups(self) -> None:
-        for p in range(self.keys.partitions):
-            try:
-                await self.redis.xgroup_create(self.keys.inbound(p), INBOUND_GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
 
     async def publish(self, event: Event, *, dedupe: bool = True) -> str | None:
         """Put an inbound event on its thread's partition; returns the entry id, or None for a repeat.

@@ -6,7 +6,6 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-INBOUND_GROUP = "workers"
 THREAD_SUFFIXES = ("log", "rcpt")  # the core's keys of a thread; channels name theirs (see Keys.thread_keys)
 
 

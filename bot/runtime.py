@@ -39,10 +39,10 @@ async def open_deps(
     the config; close in reverse order. ``check_settings=False`` is for the commands that change those settings."""
     settings = settings or Settings.from_env()
     config = load_config(settings.config_path, settings.prompts_dir) if with_config else None
-    # every owned partition holds a connection in a blocking read; leave room for everything else
+    # every owned partition holds a connection in a blocking read; leave room for the threads' commits
     client = connect(
         redis_url(settings.redis_url, settings.data_dir),
-        max_connections=settings.partitions + 48,
+        max_connections=settings.partitions + 64,
         timeout_ms=settings.redis_timeout_ms,
         retry_ms=settings.redis_retry_ms,
     )
@@ -52,7 +52,6 @@ async def open_deps(
         if check_settings:
             await install.check(client, keys)
         bus = Bus(client, keys)
-        await bus.ensure_groups()
         yield Deps(client, keys, bus, settings, config)
     finally:
         await client.aclose()
@@ -60,6 +59,5 @@ async def open_deps(
 
 async def check_installation(deps: Deps) -> None:
     """Check the recorded settings again (SettingsMismatch if they changed); if Redis came back empty, record
-    them and re-create what start-up created. Cheap (one GET): call it from loops that outlive a Redis restart."""
-    if await install.check(deps.redis, deps.keys):
-        await deps.bus.ensure_groups()
+    them again. Cheap (one GET): call it from loops that outlive a Redis restart."""
+    await install.check(deps.redis, deps.keys)

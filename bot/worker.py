@@ -30,11 +30,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot import codec, threads
 from bot.bus import Command
+from bot.connections import server_time_ms
 from bot.errors import LeaseLost, LogConflict
 from bot.events import Event
 from bot.llm import LLMStep, load_litellm
 from bot.loop import Backoff, Runner, Stopped, Turn, TurnOutcome, Tx, Waiting
-from bot.runtime import Deps
+from bot.runtime import Deps, check_installation
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,11 @@ class Worker:
 
     async def _now_ms(self) -> int:
         """Redis's clock: every worker measures liveness against the same one."""
-        sec, usec = await self.redis.time()
-        return int(sec) * 1000 + int(usec) // 1000
+        return await server_time_ms(self.redis)
 
     async def rebalance(self) -> None:
         """Heartbeat, keep my leases alive, hold a fair share of the partitions, and sweep for strays."""
+        await check_installation(self.deps)  # settings still agree (and are recorded again after an empty restart)
         now = await self._now_ms()
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.workers, {self.id: now})

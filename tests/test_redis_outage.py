@@ -105,8 +105,6 @@ async def test_redis_restarted_empty_gets_its_settings_recorded_again_without_re
     own_redis.start()
     await _ready_again(client)
     assert install.Recorded.load(await d.redis.get(d.keys.settings)) == install.ours(d.keys)
-    groups = await d.redis.xinfo_groups(d.keys.inbound(0))  # what start-up created is there again
-    assert [g["name"] for g in groups] == [b"workers"]
 
 
 async def test_a_blocking_read_waits_its_block_time_past_the_socket_timeout(own_settings: Settings) -> None:

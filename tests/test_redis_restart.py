@@ -97,3 +97,32 @@ async def _restart_mid_thread(own_redis: RedisServer, d: Deps) -> None:
     thread = await wait_for(d, accepted.thread_id, status_is(Status.DONE), timeout=15)
     assert [e.type for e in thread.events].count("tool.result") == 2
     assert len(await d.redis.hgetall(f"{d.keys.ns}:refunds")) == 1
+
+
+async def test_after_redis_comes_back_empty_the_worker_carries_on_by_itself(
+    own_redis: RedisServer, settings: Settings, tmp_path: Path
+) -> None:
+    restartable = replace(settings, redis_url=f"redis://127.0.0.1:{own_redis.port}/0")
+    stop = asyncio.Event()
+    async with open_deps(restartable) as d:
+        worker = Worker(d)
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            first = await control.launch(d, "refund-desk", "refund A101", ALICE)
+            await wait_for(d, first.thread_id, status_is(Status.WAITING_APPROVAL))
+            own_redis.stop()
+            own_redis.workdir = tmp_path / "empty"  # no append-only file: it comes back with nothing at all
+            own_redis.workdir.mkdir()
+            own_redis.start()
+            for _ in range(100):  # the web answers 503 meanwhile; a client retries
+                try:
+                    accepted = await control.launch(d, "refund-desk", "refund A100 25", ALICE)
+                    break
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    await asyncio.sleep(0.1)
+            thread = await wait_for(d, accepted.thread_id, status_is(Status.WAITING_APPROVAL), timeout=15)
+            assert thread.open_approval() is not None
+            assert await d.redis.get(d.keys.settings), "the settings were recorded again"
+        finally:
+            stop.set()
+            await running
