@@ -69,9 +69,16 @@ class Turn:
 
     interrupt: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: Callable[[], bool] = lambda: False
+    stepping: asyncio.Future[StepOutcome] | None = None  # the agent's step in flight
 
     def should_stop(self) -> bool:
         return self.interrupt.is_set() or self.stopping()
+
+    def abort(self) -> None:
+        """A pause or cancel arrived: stop between steps, and abandon the step in flight."""
+        self.interrupt.set()
+        if self.stepping is not None:
+            self.stepping.cancel()
 
 
 @dataclass(frozen=True)
@@ -262,9 +269,9 @@ class Runner:
             stepped = True
             match action:
                 case RunTool():
-                    await self.run_tool(tx, agent, action)
+                    await self.run_tool(tx, agent, action, turn)
                 case Prefetch():
-                    await self.prefetch(tx, agent)
+                    await self.prefetch(tx, agent, turn)
                 case Escalate(question=question):
                     tx.add(HumanAsked(thread_id=tx.thread.id, question=question, escalation=True))
                     tx.say("question", question)
@@ -273,7 +280,7 @@ class Runner:
                     if outcome is not None:
                         return outcome
 
-    async def run_tool(self, tx: Tx, agent: Agent, action: RunTool) -> None:
+    async def run_tool(self, tx: Tx, agent: Agent, action: RunTool, turn: Turn | None = None) -> None:
         """The executor: a call runs only if the gate read from the log lets it (a call sent for approval, on its
         approved decision bound to these exact arguments), and a completed call never again."""
         call, thread = action.call, tx.thread
@@ -305,12 +312,17 @@ class Runner:
             await tx.flush()  # recorded before it runs
         ctx = ToolContext(thread.id, call.call_id, f"{thread.id}:{call.call_id}", thread.origin, self.deps)
         seconds = agent.timeout_for(call.tool)
+        deadline = asyncio.timeout(seconds)
         try:
-            value = await asyncio.wait_for(tool.fn(args, ctx), seconds)
+            async with deadline:
+                value = await tool.fn(args, ctx)
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=True, result=_jsonable(value))
-        except TimeoutError:
-            log.warning("thread %s: tool %s timed out after %gs", thread.id, call.tool, seconds)
-            error = f"timed out after {seconds:g} s (it may or may not have taken effect)"
+        except TimeoutError as exc:
+            if not deadline.expired():  # the tool's own time-out, reported like any failure of the tool
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                log.warning("thread %s: tool %s timed out after %gs", thread.id, call.tool, seconds)
+                error = f"timed out after {seconds:g} s (it may or may not have taken effect)"
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=error)
         except Exception as exc:  # a tool's failure is the agent's information, not the runtime's crash
             log.info("thread %s: tool %s failed: %s", thread.id, call.tool, exc)
@@ -320,12 +332,12 @@ class Runner:
         tx.add(result)
         await tx.flush()  # recorded after it ran: from here on, nothing runs it again
 
-    async def prefetch(self, tx: Tx, agent: Agent) -> None:
+    async def prefetch(self, tx: Tx, agent: Agent, turn: Turn | None = None) -> None:
         for i, pre in enumerate(agent.prefetch):
             call = ToolCall(thread_id=tx.thread.id, call_id=f"{PREFETCH_PREFIX}{i}", tool=pre.tool, args=pre.args,
                             reason="pre-fetched before the first model call")  # fmt: skip
             tx.add(call)
-            await self.run_tool(tx, agent, RunTool(call, pre.args, None))
+            await self.run_tool(tx, agent, RunTool(call, pre.args, None), turn)
 
     async def ask_agent(self, tx: Tx, agent: Agent, turn: Turn) -> Stopped | Backoff | None:
         """One step of the agent: the model's (or a deterministic function's) answer, validated and recorded."""
@@ -410,20 +422,24 @@ class Runner:
 
 async def _step(agent: Agent, events: list[Event], turn: Turn) -> StepOutcome | None:
     """The agent's step within its timeout; None if ``turn`` was interrupted first (the answer is abandoned)."""
-    step = asyncio.ensure_future(agent.step(events))
-    interrupted = asyncio.ensure_future(turn.interrupt.wait())
-    try:
-        done, _ = await asyncio.wait({step, interrupted}, timeout=agent.step_timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-    finally:
-        interrupted.cancel()
-        if not step.done():
-            step.cancel()
-    if step in done:
-        return step.result()
-    if interrupted in done:
+    if turn.interrupt.is_set():
         return None
-    raise ModelUnavailableError(f"no answer within {agent.step_timeout:g} s")
+    step = turn.stepping = asyncio.ensure_future(agent.step(events))
+    deadline = asyncio.timeout(agent.step_timeout)
+    try:
+        async with deadline:
+            return await step
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if step.cancelled() and turn.interrupt.is_set() and not (current and current.cancelling()):
+            return None  # Turn.abort cancelled the step; nobody cancelled us
+        raise
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # the step's own time-out: a failure like any other
+        raise ModelUnavailableError(f"no answer within {agent.step_timeout:g} s") from None
+    finally:
+        turn.stepping = None
 
 
 def _compact(exc: ValidationError) -> str:

@@ -42,7 +42,7 @@ async def open_deps(
     # every owned partition holds a connection in a blocking read; leave room for the threads' commits
     client = connect(
         redis_url(settings.redis_url, settings.data_dir),
-        max_connections=settings.partitions + 64,
+        max_connections=settings.partitions + 256,
         timeout_ms=settings.redis_timeout_ms,
         retry_ms=settings.redis_retry_ms,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -57,6 +58,7 @@ _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL
 # every cached event is a few Python objects, and a large cache makes full garbage collections stall the loop.
 CACHE_THREADS = 512
 CONTROL = frozenset({"thread.paused", "thread.cancelled"})  # these stop a turn in progress
+READ_BLOCK_MS = 250  # how long one read waits for new entries (and so how soon a partition just taken is read)
 
 
 @dataclass
@@ -129,8 +131,9 @@ class Worker:
         self.drain_seconds = deps.settings.drain_seconds if drain_seconds is None else drain_seconds
         self.owned: dict[int, str] = {}  # partition -> fencing token
         self.draining: set[int] = set()  # owned, being handed over: no new reads, running steps finish
-        self.readers: dict[int, asyncio.Task[None]] = {}
+        self.reader: asyncio.Task[None] | None = None  # one blocking read over every partition owned
         self.cursors: dict[int, str] = {}  # the last entry id read per partition
+        self._partitions = {self.keys.inbound(p).encode(): p for p in range(self.keys.partitions)}
         self.known: dict[int, set[bytes]] = {}  # entry ids of a partition waiting in lanes or being applied
         self.finished: dict[int, dict[bytes, float]] = {}  # recently applied ids (so a sweep does not re-add them)
         self.lanes: dict[str, Lane] = {}
@@ -152,6 +155,10 @@ class Worker:
         if any(isinstance(a.step, LLMStep) for a in self.deps.agents.agents.values()):
             # litellm takes seconds to import; doing it on the first model call would stall lease renewals
             await asyncio.to_thread(load_litellm)
+        # What start-up built (modules, litellm's tables, the config) lives as long as the process: keep it out of
+        # the garbage collector's full passes, which otherwise stop the event loop for a tenth of a second.
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)  # young collections less often: each turn allocates a lot that dies young
         try:
             while not stop.is_set():
                 try:
@@ -191,10 +198,8 @@ class Worker:
             if token:
                 self._take(p, token.decode())
                 active.append(p)
+        self._ensure_reader()  # not started, or stopped on an error: start it again
         for p in active:
-            reader = self.readers.get(p)
-            if reader is None or reader.done():  # a reader stopped on an error: start it again
-                self._start_reader(p)
             await self._sweep(p)
 
     async def _renew_all(self) -> None:
@@ -206,18 +211,18 @@ class Worker:
     def _take(self, p: int, token: str) -> None:
         self.owned[p] = token
         self.known[p], self.finished[p], self.cursors[p] = set(), {}, "0-0"
-        self._start_reader(p)
+        self._ensure_reader()
 
-    def _start_reader(self, p: int) -> None:
-        self.readers[p] = asyncio.create_task(self._read(p, self.owned[p]), name=f"partition-{p}")
+    def _ensure_reader(self) -> None:
+        """Start the reader unless it runs; a running one reads a partition just taken from its next call on
+        (its blocking call is short for that reason: cancelling it would cost its connection)."""
+        if self.reader is None or self.reader.done():
+            self.reader = asyncio.create_task(self._read(), name=f"reader-{self.id}")
 
     def _forget(self, p: int) -> None:
         """Drop what this worker holds of partition ``p``; its entries stay in the stream for the next owner."""
         self.owned.pop(p, None)
         self.draining.discard(p)
-        reader = self.readers.pop(p, None)
-        if reader is not None and not reader.done():
-            reader.cancel()
         for lane in list(self.lanes.values()):
             kept = deque(i for i in lane.items if i.p != p)
             self.queued -= len(lane.items) - len(kept)
@@ -247,10 +252,6 @@ class Worker:
         task.add_done_callback(self.hand_offs.discard)
 
     async def _drain(self, p: int, token: str) -> None:
-        reader = self.readers.pop(p, None)
-        if reader is not None:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
         busy = [lane.task for lane in self.lanes.values() if lane.task and lane.items and lane.items[0].p == p]
         for lane in self.lanes.values():
             lane.arrived.set()  # lanes waiting out a backoff notice the hand-over now
@@ -283,32 +284,38 @@ class Worker:
                 await asyncio.gather(*list(self.hand_offs), return_exceptions=True)
         finally:
             await _stopped([renewing])
+        await _stopped([t for t in (self.reader,) if t is not None])
         await _stopped([lane.task for lane in self.lanes.values() if lane.task])
         with contextlib.suppress(RedisError, OSError):
             await self.redis.zrem(self.keys.workers, self.id)
 
     # -- reading a partition ------------------------------------------------------------------------------
 
-    async def _read(self, p: int, token: str) -> None:
-        stream = self.keys.inbound(p)
+    async def _read(self) -> None:
+        """Read every owned partition in one blocking call and hand each entry to its thread's lane."""
         try:
-            while self.owned.get(p) == token and p not in self.draining:
+            while True:
+                streams = {self.keys.inbound(p): self.cursors[p] for p in self.owned if p not in self.draining}
+                if not streams:
+                    return  # started again when a partition is taken
                 if self.queued >= self.max_queued:
                     await self.room.wait()  # lanes are full: let them catch up before reading more
                     continue
-                got = await self.redis.xread({stream: self.cursors[p]}, count=self.batch, block=1000)
-                for _, entries in got:
+                got = await self.redis.xread(streams, count=self.batch, block=READ_BLOCK_MS)
+                for name, entries in got:
+                    p = self._partitions[name]
+                    token = self.owned.get(p)
+                    if token is None or p in self.draining:
+                        continue  # let go of while we read: its entries stay for the next owner
                     for entry_id, fields in entries:
                         self.cursors[p] = entry_id.decode()
-                        await self._dispatch(p, token, stream, entry_id, fields)
+                        await self._dispatch(p, token, self.keys.inbound(p), entry_id, fields)
         except asyncio.CancelledError:
             raise
-        except LeaseLost:
-            self._lost(p, token)
         except (RedisError, OSError) as exc:
-            log.warning("worker %s: reading partition %d stopped (%s); starting again", self.id, p, exc)
+            log.warning("worker %s: reading stopped (%s); starting again", self.id, exc)
         except Exception:
-            log.exception("worker %s: reading partition %d stopped", self.id, p)
+            log.exception("worker %s: reading stopped", self.id)
 
     async def _dispatch(self, p: int, token: str, stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         known = self.known.get(p)
@@ -318,7 +325,10 @@ class Worker:
             event = codec.decode(fields[b"e"])
         except Exception as exc:
             ack: list[Command] = [("XDEL", stream, entry_id)]
-            await self._dead_letter(p, token, stream, entry_id, fields, f"undecodable entry: {exc}", ack)
+            try:
+                await self._dead_letter(p, token, stream, entry_id, fields, f"undecodable entry: {exc}", ack)
+            except LeaseLost:
+                self._lost(p, token)
             return
         known.add(entry_id)
         lane = self.lanes.get(event.thread_id)
@@ -329,7 +339,7 @@ class Worker:
         self._check_room()
         lane.arrived.set()
         if event.type in CONTROL and len(lane.items) > 1:
-            lane.turn.interrupt.set()
+            lane.turn.abort()
         if lane.task is None:
             lane.task = asyncio.create_task(self._run_lane(lane), name=f"thread-{lane.thread_id}")
 
