@@ -12,18 +12,19 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from bot import codec, install
-from bot.bus import SEEN_TTL, Command
+from bot.bus import Command
 from bot.errors import ApprovalRequired, NotFound
 from bot.events import ApprovalDecided, ApprovalRequested, args_hash, now_ms
 from bot.keys import Keys
 
 # First decision wins: check the state, check the approver, record the decision and put the event on the
 # inbound stream, all in one step. The decision keeps the caller's nonce, so the same call retried by the client
-# after a lost reply is told "ok" again, not "already decided".
-# KEYS: approval, pending set, seen key, inbound stream, recorded settings.
-# ARGV: identity, "1"/"0", time, encoded event, ttl, id, approved-args hash, nonce, recorded settings.
+# after a lost reply is told "ok" again, not "already decided". No repeat-check key: the record itself makes a
+# second decision impossible, and the thread's log drops a repeated event.
+# KEYS: approval, pending set, inbound stream, recorded settings.
+# ARGV: identity, "1"/"0", time, encoded event, (unused), id, approved-args hash, nonce, recorded settings.
 _DECIDE = (
-    install.CHECK_LUA.format(key=5, arg=9)
+    install.CHECK_LUA.format(key=4, arg=9)
     + """
 local st = redis.call('HMGET', KEYS[1], 'state', 'approvers', 'by', 'at', 'nonce')
 if not st[1] then return {'missing'} end
@@ -41,8 +42,7 @@ local state = 'rejected'
 if ARGV[2] == '1' then state = 'approved' end
 redis.call('HSET', KEYS[1], 'state', state, 'by', ARGV[1], 'at', ARGV[3], 'approved_hash', ARGV[7], 'nonce', ARGV[8])
 redis.call('ZREM', KEYS[2], ARGV[6])
-redis.call('SET', KEYS[3], '1', 'EX', ARGV[5])
-redis.call('XADD', KEYS[4], '*', 'e', ARGV[4])
+redis.call('XADD', KEYS[3], '*', 'e', ARGV[4])
 return {'ok', state, ARGV[1], ARGV[3]}
 """
 )
@@ -214,11 +214,10 @@ async def decide(
             keys=[
                 keys.approval(approval_id),
                 keys.pending_approvals,
-                keys.seen(event.key),
                 keys.inbound_for(rec.thread_id),
                 keys.settings,
             ],
-            args=[by, "1" if approved else "0", now_ms(), codec.encode(event, keep_thread=True), SEEN_TTL,
+            args=[by, "1" if approved else "0", now_ms(), codec.encode(event, keep_thread=True), 0,
                   approval_id, event.args_hash, secrets.token_hex(8), install.ours(keys).dump()],
         )  # fmt: skip
     except ResponseError as exc:
