@@ -106,4 +106,5 @@ def deterministic(fn: Callable[[Sequence[Event]], Step | Awaitable[Step]]) -> St
         out = fn(events)
         return StepOutcome(await out if inspect.isawaitable(out) else out)
 
+    step.instant = not inspect.iscoroutinefunction(fn)  # type: ignore[attr-defined]  # plain code: never waits
     return step

@@ -424,6 +424,8 @@ async def _step(agent: Agent, events: list[Event], turn: Turn) -> StepOutcome | 
     """The agent's step within its timeout; None if ``turn`` was interrupted first (the answer is abandoned)."""
     if turn.interrupt.is_set():
         return None
+    if getattr(agent.step, "instant", False):  # plain code: nothing to time out or abandon, no task needed
+        return await agent.step(events)
     step = turn.stepping = asyncio.ensure_future(agent.step(events))
     deadline = asyncio.timeout(agent.step_timeout)
     try:

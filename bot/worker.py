@@ -53,6 +53,16 @@ return token
 """
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# Fenced, and once only: the entry leaves its stream and enters the dead-letter stream in one step; a retry of a
+# call whose reply was lost finds the entry gone and writes nothing. KEYS: lease, stream, dlq, attempts.
+_MOVE_TO_DLQ = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'LEASELOST' end
+if redis.call('XDEL', KEYS[2], ARGV[2]) == 0 then return 'GONE' end
+redis.call('XADD', KEYS[3], '*', 'stream', KEYS[2], 'field', 'e', 'payload', ARGV[3], 'error', ARGV[4],
+           'entry', ARGV[2])
+redis.call('HDEL', KEYS[4], ARGV[2])
+return 'MOVED'
+"""
 
 # Thread logs kept in memory per worker, each valid only under the lease it was read with. Small on purpose:
 # every cached event is a few Python objects, and a large cache makes full garbage collections stall the loop.
@@ -145,6 +155,7 @@ class Worker:
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
+        self._move_to_dlq = self.redis.register_script(_MOVE_TO_DLQ)
         self.processed = 0
         self.cache: OrderedDict[str, tuple[str, threads.Thread]] = OrderedDict()  # thread id -> (lease, log)
 
@@ -324,9 +335,8 @@ class Worker:
         try:
             event = codec.decode(fields[b"e"])
         except Exception as exc:
-            ack: list[Command] = [("XDEL", stream, entry_id)]
             try:
-                await self._dead_letter(p, token, stream, entry_id, fields, f"undecodable entry: {exc}", ack)
+                await self._dead_letter(p, token, stream, entry_id, fields, f"undecodable entry: {exc}")
             except LeaseLost:
                 self._lost(p, token)
             return
@@ -348,7 +358,7 @@ class Worker:
         token, known = self.owned.get(p), self.known.get(p)
         if token is None or known is None:
             return
-        horizon = time.monotonic() - 60
+        horizon = time.monotonic() - 10  # a sweep's read is seconds old at most
         finished = self.finished.get(p, {})
         for entry_id in [i for i, at in finished.items() if at < horizon]:
             del finished[entry_id]
@@ -472,7 +482,7 @@ class Worker:
         stream = self.keys.inbound(item.p)
         try:
             await self._dead_letter(item.p, item.token, stream, item.entry_id, {b"e": item.raw},
-                                    f"{type(exc).__name__}: {exc}", self._ack(item))  # fmt: skip
+                                    f"{type(exc).__name__}: {exc}")  # fmt: skip
         except LeaseLost:
             self._lost(item.p, item.token)
             return _Leave()
@@ -515,16 +525,16 @@ class Worker:
         return outcome
 
     async def _dead_letter(
-        self, p: int, token: str, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None, error: str,
-        ack: Sequence[Command],
-    ) -> None:  # fmt: skip
+        self, p: int, token: str, stream: str, entry_id: bytes, fields: dict[bytes, bytes] | None, error: str
+    ) -> None:
+        """Move an entry to the dead-letter stream, once: a retried call (its reply lost) finds it gone."""
         payload = (fields or {}).get(b"e", b"")
-        await self.deps.bus.fenced(self.keys.lease(p), token, [
-            ("XADD", self.keys.dlq, "*", "stream", stream, "field", "e", "payload", payload, "error", error,
-             "entry", entry_id),
-            *ack,
-            ("HDEL", self._attempts(p), entry_id),
-        ])  # fmt: skip
+        moved = await self._move_to_dlq(
+            keys=[self.keys.lease(p), stream, self.keys.dlq, self._attempts(p)],
+            args=[token, entry_id, payload, error],
+        )
+        if moved == b"LEASELOST":
+            raise LeaseLost(self.keys.lease(p))
         log.error("dead-lettered %s from %s: %s", entry_id.decode(), stream, error)
 
 

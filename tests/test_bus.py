@@ -96,3 +96,18 @@ async def test_events_of_one_thread_are_published_together_all_or_none(deps: Dep
     assert [r[0].decode() for r in rows][:2] == ids and len(rows) == 3
     with pytest.raises(ValueError, match="exactly one thread"):
         await deps.bus.publish_all([first, MessageReceived(thread_id="other", key="m3", text="x")])
+
+
+async def test_dead_lettering_an_entry_twice_writes_one_dead_letter(deps: Deps) -> None:
+    """redis-py re-sends a call whose reply was lost: the entry moves to the dead-letter stream once."""
+    from bot.worker import Worker
+
+    worker, stream = Worker(deps), deps.keys.inbound(0)
+    await deps.redis.set(deps.keys.lease(0), "w:1")
+    entry = await deps.redis.xadd(stream, {"e": b"x"})
+    for _ in range(2):
+        await worker._dead_letter(0, "w:1", stream, entry, {b"e": b"x"}, "RuntimeError: boom")
+    assert [f["error"] for _, f in await deps.bus.dead_letters()] == ["RuntimeError: boom"]
+    assert await deps.redis.xlen(stream) == 0
+    with pytest.raises(LeaseLost):  # and only the partition's owner can do it
+        await worker._dead_letter(0, "w:0", stream, entry, {b"e": b"x"}, "late")

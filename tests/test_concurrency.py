@@ -220,3 +220,26 @@ async def test_a_worker_stalled_past_its_lease_strands_nothing(
 
 async def _all_set(deps: Deps, keys: list[str]) -> bool:
     return bool(await deps.redis.exists(*keys) == len(keys))
+
+
+async def test_an_entry_dropped_by_a_failing_lane_is_swept_up_and_applied(
+    deps: Deps, start_worker: Any, monkeypatch: Any
+) -> None:
+    """A bug that kills a thread's lane loses nothing: the entry stays in the stream and the sweep applies it."""
+    from bot.worker import Worker
+
+    process, broken = Worker._process, {"left": 1}
+
+    async def crash_once(self: Worker, lane: Any, item: Any) -> Any:
+        if broken["left"]:
+            broken["left"] -= 1
+            raise RuntimeError("a bug in the lane")
+        return await process(self, lane, item)
+
+    monkeypatch.setattr(Worker, "_process", crash_once)
+    await start_worker()
+    accepted = await control.launch(deps, "refund-desk", "refund A100 25", ALICE)
+    thread = await wait_for(deps, accepted.thread_id, status_is(Status.WAITING_APPROVAL), timeout=10)
+    assert broken["left"] == 0
+    assert [e.type for e in thread.events].count("message.received") == 1
+    assert await deps.redis.xlen(deps.keys.inbound_for(accepted.thread_id)) == 0
