@@ -269,9 +269,9 @@ class Runner:
             stepped = True
             match action:
                 case RunTool():
-                    await self.run_tool(tx, agent, action, turn)
+                    await self.run_tool(tx, agent, action)
                 case Prefetch():
-                    await self.prefetch(tx, agent, turn)
+                    await self.prefetch(tx, agent)
                 case Escalate(question=question):
                     tx.add(HumanAsked(thread_id=tx.thread.id, question=question, escalation=True))
                     tx.say("question", question)
@@ -280,7 +280,7 @@ class Runner:
                     if outcome is not None:
                         return outcome
 
-    async def run_tool(self, tx: Tx, agent: Agent, action: RunTool, turn: Turn | None = None) -> None:
+    async def run_tool(self, tx: Tx, agent: Agent, action: RunTool) -> None:
         """The executor: a call runs only if the gate read from the log lets it (a call sent for approval, on its
         approved decision bound to these exact arguments), and a completed call never again."""
         call, thread = action.call, tx.thread
@@ -332,12 +332,12 @@ class Runner:
         tx.add(result)
         await tx.flush()  # recorded after it ran: from here on, nothing runs it again
 
-    async def prefetch(self, tx: Tx, agent: Agent, turn: Turn | None = None) -> None:
+    async def prefetch(self, tx: Tx, agent: Agent) -> None:
         for i, pre in enumerate(agent.prefetch):
             call = ToolCall(thread_id=tx.thread.id, call_id=f"{PREFETCH_PREFIX}{i}", tool=pre.tool, args=pre.args,
                             reason="pre-fetched before the first model call")  # fmt: skip
             tx.add(call)
-            await self.run_tool(tx, agent, RunTool(call, pre.args, None), turn)
+            await self.run_tool(tx, agent, RunTool(call, pre.args, None))
 
     async def ask_agent(self, tx: Tx, agent: Agent, turn: Turn) -> Stopped | Backoff | None:
         """One step of the agent: the model's (or a deterministic function's) answer, validated and recorded."""

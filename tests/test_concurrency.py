@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +13,9 @@ from bot.events import ChannelRef, ModelUnavailable, Reply, ThreadFailed, ToolRe
 from bot.outbox import Outbound
 from bot.runtime import Deps
 from bot.threads import Status
-from tests.conftest import ROOT, python, status_is, wait_for
+from tests.conftest import status_is, wait_for
 from tests.scripted_model import ScriptedModel, fail, text
+from tests.test_worker_crash import spawn_worker
 
 ALICE = ChannelRef(kind="terminal", address="t", user="terminal:alice")
 
@@ -131,10 +131,6 @@ async def test_a_request_the_provider_refuses_fails_the_thread_with_its_reason(
     assert len(model.requests) == 1, "a refusal is not retried"
     assert [(m.kind, m.text) for m in await said(deps)] == [("error", failed.reason)]
     assert await deps.bus.dead_letters() == []
-
-
-def spawn_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([python(), "-m", "bot.cli", "worker"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
 
 
 async def _approve_slow_refund(deps: Deps) -> tuple[str, str]:
