@@ -65,6 +65,35 @@ async def send(deps: Deps, thread_id: str, text: str, ref: ChannelRef, *, key: s
     return Accepted(thread_id, await deps.bus.publish(event))
 
 
+async def receive(
+    deps: Deps,
+    thread_id: str,
+    text: str,
+    ref: ChannelRef,
+    *,
+    key: str,
+    start: bool = True,
+    agent: str | None = None,
+    business_key: str = "",
+) -> Accepted | None:
+    """Route an inbound message, for every channel: a thread that exists (or whose launch is on its way) gets the
+    message, which answers its question if it waits on a human (decided by the worker, in order); any other thread
+    is launched for ``agent`` (default: the channel's route), if ``start`` allows it. None when the message
+    belongs to no thread and may not start one (a Slack reply in a thread the bot never joined)."""
+    if await known(deps, thread_id):
+        return await send(deps, thread_id, text, ref, key=key)
+    if not start:
+        return None
+    agent = agent or deps.agents.route(ref.kind, ref.address)
+    return await launch(deps, agent, text, ref, thread_id=thread_id, key=key, business_key=business_key)
+
+
+async def known(deps: Deps, thread_id: str) -> bool:
+    """The thread exists, or its launch is on the inbound stream and not yet applied (partition order applies the
+    launch before anything published after it)."""
+    return bool(await deps.redis.exists(deps.keys.seen(f"launch:{thread_id}"), deps.keys.log(thread_id)))
+
+
 async def _control(deps: Deps, event: Event) -> Accepted:
     await threads.get(deps.redis, deps.keys, event.thread_id)  # NotFound for an unknown thread
     return Accepted(event.thread_id, await deps.bus.publish(event))
@@ -152,4 +181,6 @@ def prompt_of(deps: Deps, thread: Thread, index: int) -> SentPrompt | None:
     return SentPrompt(messages, request_sha(messages, tools) == llm.prompt_sha)
 
 
-__all__ = ["Accepted", "NotFound", "cancel", "decide", "launch", "list_threads", "pause", "resume", "send"]
+__all__ = [
+    "Accepted", "NotFound", "cancel", "decide", "known", "launch", "list_threads", "pause", "receive", "resume", "send",
+]  # fmt: skip

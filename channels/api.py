@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from bot import approvals, codec, control, threads
+from bot.channel import BaseChannel
 from bot.errors import ConfigError, Conflict, HandrailError, NotFound
 from bot.events import ChannelRef, HumanAnswered, new_id
 from bot.runtime import Deps
@@ -207,13 +208,11 @@ def router(deps: Deps) -> APIRouter:
             ch = body.channel or ChannelIn(kind=KIND, address=who.name, user="")
             ref = ChannelRef(kind=ch.kind, address=ch.address, user=ch.user or who.identity)
             tid = _business_thread(body.agent, body.business_key) if body.business_key else new_id()
-            if body.business_key and (await threads.load(deps.redis, deps.keys, tid)).events:
-                return accepted(await control.send(deps, tid, body.message, ref))
-            return accepted(
-                await control.launch(
-                    deps, body.agent, body.message, ref, thread_id=tid, business_key=body.business_key or ""
-                )
-            )
+            received = await control.receive(deps, tid, body.message, ref, key=f"msg:{new_id()}", agent=body.agent,
+                                             business_key=body.business_key or "")  # fmt: skip
+            if received is None:  # cannot happen: a start is allowed here
+                raise HTTPException(500, "the message was not taken")
+            return accepted(received)
 
         return await idempotent(deps, request, who, run)
 
@@ -331,3 +330,17 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
 def _business_thread(agent: str, business_key: str) -> str:
     """The thread a business key maps to, for one agent: readable, and stable across calls."""
     return f"{_UNSAFE.sub('-', agent)}.{business_key}"
+
+
+class ApiChannel(BaseChannel):
+    """The REST API under /api/v1. Nothing is delivered to an API caller: it reads the thread, or subscribes to
+    webhooks, so no outbox is kept for this kind."""
+
+    name = KIND
+    delivers = False
+
+    def routes(self, deps: Deps) -> Sequence[Any]:
+        return [router(deps)]
+
+
+channel = ApiChannel()

@@ -14,6 +14,7 @@ from typing import TextIO
 import yaml
 
 from bot import control, threads
+from bot.channel import BaseChannel
 from bot.errors import HandrailError
 from bot.events import ChannelRef, new_id
 from bot.outbox import Outbound, OutboxConsumer, Receipt
@@ -192,3 +193,12 @@ async def stdin_lines(prompt: str = "> ") -> AsyncIterator[str]:
 
 
 __all__ = ["TerminalChat", "stdin_lines"]
+
+
+class TerminalChannel(BaseChannel):
+    """`handrail chat`: each chat session reads the ``terminal`` outbox with a consumer group of its own."""
+
+    name = "terminal"
+
+
+channel = TerminalChannel()

@@ -41,19 +41,21 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
-from bot import control
+from bot import codec, control
+from bot.channel import BaseChannel, Role, Runner
 from bot.config import WebhookSpec
 from bot.errors import ConfigError, DeliveryFailed, PermanentDeliveryError
-from bot.events import ChannelRef
-from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt, webhook_stream
+from bot.events import ChannelRef, Event
+from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt
 from bot.runtime import Deps
+from bot.threads import Thread
 
 log = logging.getLogger(__name__)
 
@@ -268,3 +270,48 @@ def trigger_router(deps: Deps) -> APIRouter:
 
 
 __all__ = ["DeliveryFailed", "SignatureError", "deliver_all", "sign", "trigger_router", "verify"]
+
+
+# -- the channel ---------------------------------------------------------------------------------------------------
+
+# Which thread events a subscriber can ask for, by the name it asks with.
+NOTIFICATIONS = {
+    "approval.requested": "approval.requested",
+    "approval.decided": "approval.decided",
+    "reply": "thread.done",
+    "thread.failed": "thread.failed",
+}
+
+
+def webhook_stream(name: str) -> str:
+    """Each subscriber has its own outbox, so a failing one delays no one else."""
+    return f"webhook.{name}"
+
+
+class WebhookChannel(BaseChannel):
+    """Signed outbound notifications of thread events to each configured subscriber, and signed inbound triggers."""
+
+    name = "webhook"
+
+    def routes(self, deps: Deps) -> Sequence[Any]:
+        return [trigger_router(deps)]
+
+    def processes(self, deps: Deps, role: Role) -> Sequence[Runner]:
+        return [lambda stop: deliver_all(deps, stop)] if role == "worker" else []
+
+    def notify(self, deps: Deps, thread: Thread, event: Event) -> Sequence[tuple[str, Outbound]]:
+        name = NOTIFICATIONS.get(event.type)
+        if name is None:
+            return []
+        body = {"id": event.id, "type": name, "thread_id": thread.id, "agent": thread.agent, "at": event.at,
+                "event": codec.event_to_dict(event, keep_thread=True)}  # fmt: skip
+        out: list[tuple[str, Outbound]] = []
+        for sub, spec in deps.agents.spec.webhooks.items():
+            if name in spec.events:
+                ref = ChannelRef(kind=self.name, address=sub)
+                out.append((webhook_stream(sub), Outbound(id=event.id, thread_id=thread.id, ref=ref, kind="event",
+                                                          event=body)))  # fmt: skip
+        return out
+
+
+channel = WebhookChannel()

@@ -23,11 +23,10 @@ from bot import control, threads
 from bot.config import Config
 from bot.errors import ConfigError
 from bot.events import ChannelRef, MessageReceived, Reply
-from bot.outbox import webhook_stream
 from bot.runtime import Deps
 from bot.settings import Settings
 from bot.threads import Status, Thread
-from channels.webhooks import SignatureError, deliver_all, sign, verify
+from channels.webhooks import SignatureError, deliver_all, sign, verify, webhook_stream
 from tests.conftest import status_is, wait_for, web_client
 
 SECRET = "whsec-subscribers-in-this-test"

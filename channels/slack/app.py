@@ -23,12 +23,11 @@ from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import approvals, control, threads
+from bot import approvals, control
 from bot.agent import ApprovalPolicy
 from bot.errors import HandrailError
-from bot.events import ChannelRef, HumanAnswered
+from bot.events import ChannelRef
 from bot.runtime import Deps
-from bot.threads import Status
 from channels.slack import cards
 from channels.slack.settings import SlackSettings
 
@@ -161,17 +160,9 @@ class SlackInbound:
         )  # fmt: skip
         # keyed by the message, not the event: a Slack retry and the app_mention + message pair are one message
         key = f"slack:{team}:{channel}:{ts}"
-        deps = self.deps
-        thread = await threads.load(deps.redis, deps.keys, tid)
-        if not thread.events:
-            if not start:
-                return  # a thread we were never part of
-            agent = deps.agents.route(KIND, channel)
-            await control.launch(deps, agent, text, ref, thread_id=tid, key=key)
-        elif thread.status is Status.WAITING_HUMAN:  # the next reply answers the question asked
-            await deps.bus.publish(HumanAnswered(thread_id=tid, key=key, text=text, by=ref.user, ref=ref))
-        else:
-            await control.send(deps, tid, text, ref, key=key)
+        # launch, continue (an answer if the thread waits on a human), or ignore a thread we were never part of;
+        # a reply that arrives before its thread's launch is applied still counts
+        await control.receive(self.deps, tid, text, ref, key=key, start=start)
 
     # -- approvals
 
