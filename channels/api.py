@@ -259,6 +259,9 @@ IDEMPOTENCY_KEY = Header(
 )  # fmt: skip
 
 
+CURSOR = Query(max_length=512, pattern=r"^[0-9]+:.+$", description="the previous page's next")
+
+
 def router(deps: Deps) -> APIRouter:
     # FastAPI reads these annotations at runtime, so this module has no `from __future__ import annotations`.
     needs = _authenticator(load_keys(deps))
@@ -316,7 +319,7 @@ def router(deps: Deps) -> APIRouter:
         agent: str | None = None,
         status: Status | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: Annotated[str | None, Query(max_length=512, description="the previous page's next")] = None,
+        cursor: Annotated[str | None, CURSOR] = None,
     ) -> ThreadPage:
         """Threads, most recently active first, a page at a time. A filtered page looks at a bounded number of
         threads, so it may be short (even empty) while ``next`` still leads on: follow ``next`` until null."""
@@ -403,7 +406,7 @@ def router(deps: Deps) -> APIRouter:
     async def pending(
         who: Reader,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        cursor: Annotated[str | None, Query(max_length=512, description="the previous page's next")] = None,
+        cursor: Annotated[str | None, CURSOR] = None,
     ) -> ApprovalPage:
         """Approvals waiting for a decision, oldest first, a page at a time: follow ``next`` until null."""
         try:

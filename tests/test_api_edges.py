@@ -219,4 +219,4 @@ async def test_approvals_and_threads_page_through_the_whole_index(api: httpx.Asy
     pages = await follow(api, "/api/v1/threads", limit=5)
     assert [t for p in pages for t in _ids(p)] == (waiting + done)[::-1]
     bad = await api.get("/api/v1/threads", params={"cursor": "garbage"}, headers=auth("reader"))
-    assert bad.status_code == 400 and "start again without one" in bad.json()["detail"]
+    assert bad.status_code == 422  # not of the cursor's form (the schema says which)
