@@ -149,6 +149,7 @@ async def test_a_mention_is_answered_in_its_thread(slack: Rig) -> None:
     echo = mention("hello") | {"type": "message", "channel_type": "channel"}
     assert (await slack.event(echo)).status_code == 200
     [reply] = await slack.posted(1)
+    assert reply.params.pop("metadata")["event_type"] == "handrail_outbox"
     assert reply.params == {
         "channel": "CGEN", "thread_ts": "1700000000.000100",
         "text": "I can refund orders. Say 'refund A100' for the whole order or 'refund A100 25' for $25.",
@@ -358,6 +359,34 @@ async def test_a_web_api_call_that_times_out_is_retried_until_delivered(
         assert await slack.deps.redis.xlen(slack.deps.keys.dlq) == 0
 
 
+async def test_a_message_posted_whose_answer_timed_out_is_not_posted_again(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any
+) -> None:
+    """Slack posted it but answered after the client gave up (a fractional timeout, honoured as given): the retry
+    finds the message by its metadata instead of posting a second copy, and keeps its ts as the receipt."""
+    monkeypatch.setenv("SLACK_API_TIMEOUT", "0.4")
+    async with rig(deps, monkeypatch, start_worker) as slack:
+        slack.fake.epoch = int(time.time())  # the look-up asks for messages since the first attempt
+        slack.fake.failures["chat.postMessage"] = [(-1, {"hang": "1.5"})]
+        t0 = time.monotonic()
+        await slack.event(mention("hello"))
+
+        for _ in range(500):
+            if receipts := await deps.redis.hgetall(deps.keys.receipts(tid())):
+                break
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - t0 < 1.4, "the call was given up after 0.4 s, not a whole second or more"
+        [message] = slack.fake.messages
+        assert list(receipts.values()) == [message["ts"].encode()]
+        assert len(slack.fake.made("chat.postMessage", ok_only=False)) == 1, "the retry did not post"
+        [outbox_id] = [k.decode().removeprefix("slack:") for k in receipts]
+        assert message["metadata"] == {"event_type": "handrail_outbox", "event_payload": {"outbox_id": outbox_id}}
+        [lookup] = slack.fake.made("conversations.replies")
+        assert (lookup.params["channel"], lookup.params["ts"]) == ("CGEN", "1700000000.000100")
+        await asyncio.sleep(0.3)
+        assert len(slack.fake.messages) == 1 and await deps.redis.xlen(deps.keys.dlq) == 0
+
+
 def said(n: int, channel: str, thread_ts: str) -> Outbound:
     ref = ChannelRef(kind="slack", address=channel, user="slack:UBOB", thread_ts=thread_ts)
     return Outbound(id=f"e{n}", thread_id=f"slack-T1-{channel}-{thread_ts}", ref=ref, kind="text", text=f"say {n}")
@@ -544,3 +573,11 @@ def test_slack_settings_are_all_or_nothing_and_keep_secrets_out_of_sight() -> No
     assert TOKEN not in repr(full) and SECRET not in repr(full) and "xapp-1" not in repr(full)
     default = SlackSettings.from_env({"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET})
     assert default is not None and (default.app_token, default.api_url) == (None, "https://slack.com/api/")
+    from channels.slack.app import web_client as slack_client
+
+    base = {"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET}
+    fractional = SlackSettings.from_env(base | {"SLACK_API_TIMEOUT": "2.5"})
+    assert fractional is not None and slack_client(fractional).timeout == 2.5  # not truncated to 2
+    for bad in ("soon", "0", "-1", "nan"):
+        with pytest.raises(ConfigError, match="SLACK_API_TIMEOUT: expected seconds"):
+            SlackSettings.from_env(base | {"SLACK_API_TIMEOUT": bad})

@@ -49,9 +49,9 @@ def identity(user: str) -> str:
 
 
 def web_client(settings: SlackSettings) -> AsyncWebClient:
-    return AsyncWebClient(
-        token=settings.bot_token, base_url=settings.api_url, timeout=int(max(1, settings.api_timeout))
-    )
+    # slack_sdk annotates the timeout as int, but hands it to aiohttp's ClientTimeout, which takes fractions
+    timeout: Any = settings.api_timeout
+    return AsyncWebClient(token=settings.bot_token, base_url=settings.api_url, timeout=timeout)
 
 
 # -- signatures and payload shape, checked before Bolt sees the request ---------------------------------------

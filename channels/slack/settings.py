@@ -35,5 +35,7 @@ class SlackSettings:
         try:
             timeout = float(raw_timeout)
         except ValueError:
+            timeout = float("nan")
+        if not 0 < timeout < 3600:  # nan fails this too
             raise ConfigError("environment", "SLACK_API_TIMEOUT", f"expected seconds, got {raw_timeout!r}") from None
         return cls(token, secret, env.get("SLACK_APP_TOKEN") or None, api_url.rstrip("/") + "/", timeout)
