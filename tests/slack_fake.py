@@ -15,6 +15,22 @@ from typing import Any
 from aiohttp import web
 
 
+def blocks_fit(blocks: Any) -> bool:
+    """Block Kit's limits that Slack enforces on a message: 50 blocks, 3,000 characters a section, 10 fields of
+    2,000 each."""
+    if blocks is None:
+        return True
+    if len(blocks) > 50:
+        return False
+    for b in blocks:
+        if len(((b.get("text") or {}).get("text")) or "") > 3000:
+            return False
+        fields = b.get("fields") or []
+        if len(fields) > 10 or any(len(f.get("text", "")) > 2000 for f in fields):
+            return False
+    return True
+
+
 @dataclass
 class Call:
     method: str
@@ -112,6 +128,8 @@ class FakeSlack:
         return web.json_response(self._answer(method, params))
 
     def _answer(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if method in ("chat.postMessage", "chat.update") and not blocks_fit(params.get("blocks")):
+            return {"ok": False, "error": "invalid_blocks"}
         if method == "auth.test":
             return {"ok": True, "url": "https://fake.slack.test/", "team": "Fake", "user": "handrail",
                     "team_id": self.team, "user_id": self.bot_user, "bot_id": "BBOT"}  # fmt: skip

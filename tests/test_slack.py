@@ -135,6 +135,10 @@ async def approval_card(rig: Rig, text: str = "refund A100 25") -> tuple[str, Ca
     return request.approval_id, card
 
 
+def section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}
+
+
 def count(thread: Thread, type_: str) -> int:
     return sum(1 for e in thread.events if e.type == type_)
 
@@ -201,11 +205,10 @@ async def test_an_approver_approves_with_the_button_and_the_card_is_updated(slac
     approval_id, card = await approval_card(slack)
     assert card.params["channel"] == "CGEN" and card.params["thread_ts"] == "1700000000.000100"
     assert card.params["blocks"] == [
-        {"type": "section", "text": {"type": "mrkdwn", "text": ":raised_hand: Approval needed to run *issue_refund*"}},
-        {"type": "section", "fields": [{"type": "mrkdwn", "text": "*order_id*\nA100"},
-                                       {"type": "mrkdwn", "text": "*amount_cents*\n2500"}]},
-        {"type": "section", "text": {"type": "mrkdwn",
-                                     "text": "*Why:* ada@example.com asked for a refund of their mechanical keyboard"}},
+        section(":raised_hand: Approval needed to run *issue_refund*"),
+        section("*order_id*\n```A100```"),
+        section("*amount_cents*\n```2500```"),
+        section("*Why (the agent's words):*\nada@example.com asked for a refund of their mechanical keyboard"),
         {"type": "context", "elements": [{"type": "mrkdwn", "text": "Who may decide: <@UALICE>"}]},
         {"type": "actions", "block_id": f"approval:{approval_id}", "elements": [
             {"type": "button", "action_id": "handrail_approve", "value": approval_id, "style": "primary",
@@ -225,7 +228,7 @@ async def test_an_approver_approves_with_the_button_and_the_card_is_updated(slac
     assert update.params["ts"] == "1700000500.000001" and update.params["channel"] == "CGEN"
     verdict = f":white_check_mark: Approved by <@UALICE> at <!date^{decided.at // 1000}^{{time}}|"
     assert update.params["text"].startswith(verdict)
-    assert update.params["blocks"][-1] == {"type": "section", "text": {"type": "mrkdwn", "text": update.params["text"]}}
+    assert update.params["blocks"][-1] == section(update.params["text"]) | {"block_id": "verdict"}
     assert not any(b["type"] == "actions" for b in update.params["blocks"])
     replies = await slack.posted(2)
     assert replies[1].params["text"].startswith("Refunded $25.00 on order A100")
@@ -298,7 +301,7 @@ async def test_edit_validates_the_new_arguments_and_runs_the_edited_call(slack: 
     bad = await slack.submit(view, "UALICE", values("-5"))
     assert bad.status_code == 200
     refusal = bad.json()
-    assert refusal["response_action"] == "errors" and "greater than 0" in refusal["errors"]["arg:order_id"]
+    assert refusal == {"response_action": "errors", "errors": {"arg:amount_cents": "Input should be greater than 0"}}
     assert (await approvals.get(slack.deps.redis, slack.deps.keys, approval_id)).state == "pending"
 
     ok = await slack.submit(view, "UALICE", values("1000"))
@@ -307,6 +310,78 @@ async def test_edit_validates_the_new_arguments_and_runs_the_edited_call(slack: 
     ran = [e for e in thread.events if e.type == "tool.result"][-1]
     assert ran.result["amount_cents"] == 1000  # type: ignore[union-attr]
     assert (await slack.posted(2))[1].params["text"].startswith("Refunded $10.00 on order A100")
+    [update] = await slack.calls("chat.update", lambda c: len(c) >= 1)  # the card shows the call that ran
+    assert update.params["blocks"][:3] == [
+        section(":pencil2: Edited call to *issue_refund*"), section("*order_id*\n```A100```"),
+        section("*amount_cents*\n```1000```"),
+    ]  # fmt: skip
+    assert update.params["text"].startswith(":white_check_mark: Approved by <@UALICE> with edited arguments at")
+
+
+def test_the_card_shows_model_written_text_literally_as_code() -> None:
+    """Slack markup in arguments and reasons is escaped: a disguised link and <!channel> show as typed."""
+    from channels.slack import cards
+
+    card = cards.request_card({
+        "id": "ap1", "tool": "send_link", "approvers": ["slack:T1:UALICE", "email:<x>@y"],
+        "args": {"url": "<https://evil.example|https://shop.example/orders/A100>", "note": "<!channel> & `hi`"},
+        "reason": "*amount_cents*\n500 <!here>",
+    })  # fmt: skip
+    assert card[:5] == [
+        section(":raised_hand: Approval needed to run *send_link*"),
+        section("*url*\n```&lt;https://evil.example|https://shop.example/orders/A100&gt;```"),
+        section("*note*\n```&lt;!channel&gt; &amp; `\u200bhi`\u200b```"),
+        section("*Why (the agent's words):*\n*amount_cents*\n500 &lt;!here&gt;"),
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": "Who may decide: <@UALICE>, email:&lt;x&gt;@y"}]},
+    ]  # fmt: skip
+    assert card[5]["type"] == "actions"
+
+
+def test_the_card_never_cuts_silently_and_stays_within_block_kit_limits() -> None:
+    from channels.slack import cards
+    from tests.slack_fake import blocks_fit
+
+    args = {"body": "<" * 4000} | {f"a{i:02d}": i for i in range(60)}
+    card = cards.request_card({"id": "ap2", "tool": "t", "args": args, "reason": "r" * 5000, "approvers": []})
+    assert blocks_fit(card) and card[-1]["type"] == "actions"
+    texts = [b["text"]["text"] for b in card if b["type"] == "section"]
+    body = next(t for t in texts if t.startswith("*body*"))
+    assert body.endswith(f"_Value cut: {2600 // 4 * 4:,} of 16,000 characters shown._")
+    shown = sum(1 for t in texts if t.startswith("*a"))
+    warning = next(t for t in texts if t.startswith(":warning:"))
+    assert warning == (
+        f":warning: {60 - shown} more arguments not shown; a value cut: *body*. The full call: "
+        "`handrail approvals list`, or GET /api/v1/approvals (approval `ap2`)."
+    )
+    assert next(t for t in texts if t.startswith("*Why")).endswith("…\n_The reason was cut._")
+
+
+def test_the_edit_modal_lists_every_argument() -> None:
+    from channels.slack import cards
+
+    args = {"long": "x" * 3001} | {f"a{i:02d}": i for i in range(12)}
+    view = cards.edit_modal("ap3", "t", args)
+    inputs = [b["block_id"] for b in view["blocks"] if b["type"] == "input"]
+    assert inputs == [f"arg:a{i:02d}" for i in range(12)]
+    assert view["blocks"][1] == section("*long*: 3,001 characters, too long to edit here; it keeps its value.")
+    assert cards.edited_args(args, {"arg:a00": {"value": {"value": "7"}}, "arg:nope": {"value": {"value": "1"}}}) == (
+        args | {"a00": 7}
+    )  # an argument the call does not have is not added
+
+
+async def test_a_long_rejection_reason_is_shown_cut_with_a_note_and_the_card_still_updates(slack: Rig) -> None:
+    from bot import control
+
+    approval_id, _ = await approval_card(slack)
+    reason = "no: " + "<&>" * 2000
+    outcome = await control.decide(slack.deps, approval_id, by="slack:UALICE", approved=False, feedback=reason)
+    assert outcome.result == "ok"
+    [update] = await slack.calls("chat.update", lambda c: len(c) >= 1)
+    verdict = update.params["blocks"][-1]["text"]["text"]
+    assert verdict.startswith(":x: Rejected by <@UALICE>: no: &lt;&amp;&gt;&lt;&amp;&gt;")
+    assert verdict.endswith("…\n_The reason was cut; the agent was given all of it._") and len(verdict) <= 3000
+    assert slack.fake.made("chat.update")[0].status == 200 and await slack.deps.bus.dead_letters() == []
+    assert slack.fake.messages[0]["blocks"] == update.params["blocks"]
 
 
 async def test_handrail_slash_command_lists_my_pending_approvals(slack: Rig) -> None:

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
@@ -213,21 +214,39 @@ class SlackInbound:
     async def on_edit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
         approval_id, user = str(view["private_metadata"]), str(body["user"]["id"])
         values = view.get("state", {}).get("values", {})
+        shown = [b.removeprefix(cards.ARG_PREFIX) for b in values if b.startswith(cards.ARG_PREFIX)]
         first = next(iter(values), cards.ARG_PREFIX)
         problem, record = await self._may_decide(approval_id, identity(user))
         if record is None or problem:
             await ack(response_action="errors", errors={first: problem or "This approval no longer exists."})
             return
         args = cards.edited_args(record.args, values)
+        invalid = await self._invalid(record, args)
+        if invalid:  # said on the inputs concerned; decide would refuse them as one message
+            await ack(response_action="errors", errors=cards.field_errors(invalid, shown, first))
+            return
         try:
             outcome = await control.decide(self.deps, approval_id, by=identity(user), approved=True, args=args)
         except HandrailError as exc:
-            await ack(response_action="errors", errors={first: str(exc)[:1500]})
+            await ack(response_action="errors", errors={first: str(exc)[: cards.ERROR_MAX]})
             return
         if outcome.result == "ok":
             await ack()
         else:
             await ack(response_action="errors", errors={first: refusal(outcome)})
+
+    async def _invalid(self, record: approvals.ApprovalRecord, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """What the tool's schema finds wrong with the edited arguments (decide checks them again)."""
+        thread = await threads.get(self.deps.redis, self.deps.keys, record.thread_id)
+        agent = self.deps.agents.agents.get(thread.agent)
+        tool = agent.tools.get(record.tool) if agent is not None else None
+        if tool is None:
+            return []  # decide says why it cannot approve edited arguments
+        try:
+            tool.validate(args)
+        except ValidationError as exc:
+            return [dict(e) for e in exc.errors(include_url=False, include_input=False)]
+        return []
 
     async def _may_decide(self, approval_id: str, who: str) -> tuple[str, approvals.ApprovalRecord | None]:
         """Checked before a modal opens, so nobody types a reason that cannot count (decide checks again)."""

@@ -24,7 +24,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import threads
 from bot.errors import DeliveryFailed, PermanentDeliveryError
-from bot.events import ApprovalRequested
+from bot.events import ApprovalDecided, ApprovalRequested
 from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt
 from bot.runtime import Deps
 from channels.slack import cards
@@ -151,19 +151,31 @@ async def _find(
 async def _update_card(
     deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None
 ) -> Receipt:
-    """Replace the card's buttons by the verdict; found through the receipt of the request's message."""
+    """Replace the card's buttons by the verdict; found through the receipt of the request's message. The card
+    then shows the call that ran: the approver's edited arguments, if they edited them."""
     assert msg.approval is not None
+    aid = str(msg.approval["id"])
     thread = await threads.load(deps.redis, deps.keys, msg.thread_id)
-    request = next(
-        (e for e in thread.events if isinstance(e, ApprovalRequested) and e.approval_id == msg.approval["id"]), None
-    )
+    request = next((e for e in thread.events if isinstance(e, ApprovalRequested) and e.approval_id == aid), None)
+    decided = next((e for e in thread.events if isinstance(e, ApprovalDecided) and e.approval_id == aid), None)
+    update = dict(msg.approval)
+    args = request.args if request is not None else {}
+    if decided is not None and decided.approved and decided.args is not None and decided.args != args:
+        args, update["edited"] = decided.args, True
+    return await update_card(deps, client, msg, channel, thread_ts, request, args, update)
+
+
+async def update_card(
+    deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None,
+    request: ApprovalRequested | None, args: dict[str, Any], update: dict[str, Any],
+) -> Receipt:  # fmt: skip
     ts = None
     if request is not None:
         ts = await deps.redis.hget(deps.keys.receipts(msg.thread_id), f"{KIND}:{request.id}")
-    text = cards.verdict(msg.approval)
+    text = cards.verdict(update)
     if request is None or ts is None:  # the card never went out (dead-lettered): say it in the thread instead
         return await post_once(deps, client, msg, channel, thread_ts, text=text)
-    blocks = cards.decided_card(request.tool, request.args, request.reason, msg.approval)
+    blocks = cards.decided_card(request.approval_id, request.tool, args, request.reason, update)
     done = await _call("chat.update", client.chat_update(channel=channel, ts=ts.decode(), text=text, blocks=blocks))
     return Receipt(channel_id=str(done["ts"]))
 
