@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -574,6 +575,130 @@ async def test_malformed_payloads_get_400_and_unknown_events_are_ignored(slack: 
     )
     assert r.status_code == 200 and "c-123" in r.text
     assert await threads.recent_ids(slack.deps.redis, slack.deps.keys) == []
+
+
+def _action(**over: Any) -> dict[str, Any]:
+    return {"type": "block_actions", "user": {"id": "UALICE", "team_id": "T1"}, "team": {"id": "T1"},
+            "trigger_id": "trig", "channel": {"id": "CGEN"}, "message": {"ts": "1.1"},
+            "actions": [{"action_id": "handrail_approve", "value": "ap1"}]} | over  # fmt: skip
+
+
+def _view(**over: Any) -> dict[str, Any]:
+    return {"type": "view_submission", "user": {"id": "UALICE", "team_id": "T1"}, "team": {"id": "T1"},
+            "view": {"type": "modal", "callback_id": "handrail_reject_view", "private_metadata": "ap1",
+                     "state": {"values": {"reason": {"reason_input": {"value": "no"}}}}} | over}  # fmt: skip
+
+
+def _command(**over: str) -> dict[str, str]:
+    return {"command": "/handrail", "user_id": "UALICE", "team_id": "T1", "text": "", "trigger_id": "t"} | over
+
+
+async def nothing_recorded(deps: Deps) -> None:
+    assert await threads.recent_ids(deps.redis, deps.keys) == []
+    for p in range(deps.keys.partitions):
+        assert await deps.redis.xlen(deps.keys.inbound(p)) == 0
+
+
+async def test_signed_payloads_missing_fields_or_of_the_wrong_types_get_400_with_a_reason(slack: Rig) -> None:
+    message = mention("refund A100")
+    events = [
+        ({k: v for k, v in message.items() if k != "channel"}, "'event.channel' is missing"),
+        ({k: v for k, v in message.items() if k != "ts"}, "'event.ts' is missing"),
+        (message | {"ts": 1700000000.0001}, "'event.ts' must be a string"),
+        (message | {"user": 42}, "'event.user' must be a string"),
+        ({k: v for k, v in message.items() if k != "user"}, "'event.user' is missing"),
+        (message | {"text": "\ud800"}, "body is not valid"),
+    ]
+    for event, reason in events:
+        r = await slack.event(event)
+        assert r.status_code == 400 and r.json()["detail"].startswith(reason), (event, r.text)
+    forms: list[tuple[dict[str, str], str]] = [
+        ({"payload": json.dumps(_action(actions=[]))}, "'actions' must be a list of at least one action object"),
+        ({"payload": json.dumps(_action(actions=None))}, "'actions' must be a list"),
+        ({"payload": json.dumps(_action(actions=[{"action_id": "handrail_approve"}]))}, "'actions[0].value' must"),
+        ({"payload": json.dumps(_action(actions=[{"action_id": "x", "value": "a"}]))}, "action 'x' is not one of"),
+        ({"payload": json.dumps(_action(user=None))}, "'user.id' is missing"),
+        ({"payload": json.dumps(_action(user={"id": 7}))}, "'user.id' must be a string"),
+        ({"payload": json.dumps(_action(channel=None))}, "'channel.id' is missing"),
+        ({"payload": json.dumps(_view(private_metadata=None))}, "'view.private_metadata' must be the approval id"),
+        ({"payload": json.dumps(_view(private_metadata=5))}, "'view.private_metadata' must be the approval id"),
+        ({"payload": json.dumps(_view(state={"values": []}))}, "'view.state.values' must be an object of objects"),
+        ({"payload": json.dumps(_view(callback_id="other"))}, "view 'other' is not one of Handrail's"),
+        ({"payload": json.dumps({"type": "shortcut", "user": {"id": "U1"}})}, "interactivity of type 'shortcut'"),
+        (_command(command="/other"), "slash command '/other' is not handled"),
+        (_command(user_id=""), "'user_id' is missing"),
+    ]
+    for fields, reason in forms:
+        r = await slack.form(fields)
+        assert r.status_code == 400 and r.json()["detail"].startswith(reason), (fields, r.text)
+    await nothing_recorded(slack.deps)
+    assert [c.method for c in slack.fake.calls] == []  # nobody was told anything, not even privately
+
+
+def _mutants(rng: random.Random, doc: Any, depth: int = 0) -> Any:
+    """``doc`` with one random field removed or given a value of another type."""
+    odd = [None, 0, -1, 1.5, True, "", "\ud800", "x" * 3000, [], {}, [{}], {"id": None}, "<!channel>"]
+    if isinstance(doc, dict) and doc:
+        key = rng.choice(list(doc))
+        out = dict(doc)
+        roll = rng.random()
+        if roll < 0.3:
+            del out[key]
+        elif roll < 0.6 or depth > 4:
+            out[key] = rng.choice(odd)
+        else:
+            out[key] = _mutants(rng, doc[key], depth + 1)
+        return out
+    if isinstance(doc, list) and doc:
+        return [_mutants(rng, doc[0], depth + 1), *doc[1:]] if rng.random() < 0.7 else rng.choice(odd)
+    return rng.choice(odd)
+
+
+async def test_fuzzed_signed_payloads_never_get_a_5xx(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seeded fuzz over signed events, button clicks, modal submissions and commands (no worker, so whatever is
+    accepted stays on the inbound stream): zero 5xx, and a 400 records nothing."""
+    fake = FakeSlack()
+    await fake.start()
+    for name, value in {"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": fake.url}.items():
+        monkeypatch.setenv(name, value)
+    rng = random.Random(10)
+    dm = mention("hi") | {"type": "message", "channel_type": "im", "thread_ts": "1.1"}
+    templates: list[tuple[str, Any]] = [
+        ("event", {"type": "event_callback", "team_id": "T1", "event_id": "Ev", "event": mention("refund A100")}),
+        ("event", {"type": "event_callback", "team_id": "T1", "event_id": "Ev", "event": dm}),
+        ("payload", _action()), ("payload", _action(actions=[{"action_id": "handrail_edit", "value": "ap1"}])),
+        ("payload", _view()), ("payload", _view(callback_id="handrail_edit_view")), ("command", _command()),
+    ]  # fmt: skip
+    statuses: dict[int, int] = {}
+
+    async def recorded() -> int:
+        pipe = deps.redis.pipeline(transaction=False)
+        for p in range(deps.keys.partitions):
+            pipe.xlen(deps.keys.inbound(p))
+        return sum(await pipe.execute())
+
+    try:
+        async with web_client(deps) as http:
+            for _ in range(60):  # about 40 ms each here: a few seconds
+                kind, template = rng.choice(templates)
+                doc = _mutants(rng, template)
+                if kind == "event":
+                    body, ctype = json.dumps(doc).encode(), "application/json"
+                elif kind == "payload":
+                    body, ctype = urlencode({"payload": json.dumps(doc)}).encode(), "application/x-www-form-urlencoded"
+                else:
+                    fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items()}
+                    body = urlencode(fields, errors="surrogatepass").encode()
+                    ctype = "application/x-www-form-urlencoded"
+                before = await recorded()
+                r = await http.post("/slack/events", content=body, headers=signed(body) | {"Content-Type": ctype})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                assert r.status_code < 500, (doc, r.text)
+                if r.status_code == 400:
+                    assert await recorded() == before and r.json()["detail"], doc
+    finally:
+        await fake.stop()
+    assert statuses.get(400, 0) > 0 and statuses.get(200, 0) > 0, statuses
 
 
 def test_the_manifest_subscribes_to_what_the_app_handles() -> None:

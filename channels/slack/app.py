@@ -15,7 +15,6 @@ import re
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,7 +29,7 @@ from bot.errors import HandrailError
 from bot.events import ChannelRef, HumanAnswered
 from bot.runtime import Deps
 from bot.threads import Status
-from channels.slack import cards
+from channels.slack import cards, payloads
 from channels.slack.settings import SlackSettings
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ def web_client(settings: SlackSettings) -> AsyncWebClient:
     return AsyncWebClient(token=settings.bot_token, base_url=settings.api_url, timeout=timeout)
 
 
-# -- signatures and payload shape, checked before Bolt sees the request ---------------------------------------
+# -- signatures, checked before Bolt sees the request (payloads.py checks the shape next) ---------------------
 
 
 def check_signature(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> str | None:
@@ -71,32 +70,6 @@ def check_signature(secret: str, headers: Mapping[str, str], body: bytes, now: f
     if not hmac.compare_digest(expected.encode(), given.encode()):
         return "signature does not match"
     return None
-
-
-def malformed(content_type: str, body: bytes) -> str | None:
-    """Why Bolt could not make sense of this body (None: it can)."""
-    try:
-        text = body.decode()
-        if content_type.startswith("application/json"):
-            doc = json.loads(text)
-            if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):
-                return "a JSON body must be an object with a 'type'"
-            if doc["type"] == "event_callback" and not isinstance(doc.get("event"), dict):
-                return "an event_callback needs an 'event' object"
-            return None
-        if content_type.startswith("application/x-www-form-urlencoded"):
-            form = parse_qs(text)
-            if "payload" in form:
-                payload = json.loads(form["payload"][0])
-                if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
-                    return "'payload' must be a JSON object with a 'type'"
-                return None
-            if "command" in form or "ssl_check" in form:
-                return None
-            return "a form body needs 'payload' (interactivity) or 'command' (a slash command)"
-    except (ValueError, RecursionError) as exc:  # ValueError includes bad UTF-8 and bad JSON
-        return f"body is not valid: {exc}"
-    return f"unsupported Content-Type {content_type or '(none)'!r}"
 
 
 # -- the Bolt app ----------------------------------------------------------------------------------------------
@@ -312,8 +285,9 @@ def router(deps: Deps, settings: SlackSettings) -> APIRouter:
         if why is not None:
             log.warning("slack: refused a request: %s", why)
             return JSONResponse({"detail": why}, status_code=401)
-        why = malformed(request.headers.get("content-type", ""), body)
+        why = payloads.problem(request.headers.get("content-type", ""), body)
         if why is not None:
+            log.warning("slack: refused a signed request: %s", why)
             return JSONResponse({"detail": why}, status_code=400)
         return await handler.handle(request)
 
