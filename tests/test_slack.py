@@ -136,6 +136,15 @@ async def approval_card(rig: Rig, text: str = "refund A100 25") -> tuple[str, Ca
     return request.approval_id, card
 
 
+async def receipts_of(deps: Deps, thread_id: str) -> dict[bytes, bytes]:
+    """The thread's receipts once there are some (kept just after Slack answers)."""
+    for _ in range(500):
+        if receipts := await deps.redis.hgetall(deps.keys.receipts(thread_id)):
+            return receipts
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no receipts for {thread_id}")
+
+
 def section(text: str) -> dict[str, Any]:
     return {"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}
 
@@ -161,7 +170,7 @@ async def test_a_mention_is_answered_in_its_thread(slack: Rig) -> None:
     }  # fmt: skip
     thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
     said = next(e for e in thread.events if e.type == "message.received")
-    assert (said.text, said.user, thread.agent) == ("hello", "slack:UBOB", "slack-desk")  # type: ignore[union-attr]
+    assert (said.text, said.user, thread.agent) == ("hello", "slack:T1:UBOB", "slack-desk")  # type: ignore[union-attr]
     assert count(thread, "message.received") == 1
     assert [c.method for c in slack.fake.calls if c.method != "auth.test"] == ["chat.postMessage"]
 
@@ -195,7 +204,7 @@ async def test_a_question_is_asked_in_the_thread_and_the_next_reply_answers_it(s
     await slack.event(reply)
     thread = await wait_for(slack.deps, tid(channel="CSUPPORT"), status_is(Status.DONE), timeout=30)
     answered = next(e for e in thread.events if e.type == "human.answered")
-    assert (answered.text, answered.by) == ("A100", "slack:UBOB")  # type: ignore[union-attr]
+    assert (answered.text, answered.by) == ("A100", "slack:T1:UBOB")  # type: ignore[union-attr]
     assert (await slack.posted(2))[1].params["text"] == "Looking at A100."
 
 
@@ -392,13 +401,58 @@ async def test_handrail_slash_command_lists_my_pending_approvals(slack: Rig) -> 
     mine = await slack.form(base | {"user_id": "UALICE", "text": ""})
     assert mine.status_code == 200
     assert mine.text == (
-        'Waiting for your decision:\n• *issue_refund* {"amount_cents": 2500, "order_id": "A100"} '
+        'Waiting for your decision:\n• *issue_refund* `{"amount_cents": 2500, "order_id": "A100"}` '
         f"(thread `{tid()}`, approval `{approval_id}`)"
     )  # the answer is shown to the caller only
     others = await slack.form(base | {"user_id": "UBOB", "text": "approvals"})
     assert others.text == "Nothing is waiting for you."
     listed = await slack.form(base | {"user_id": "UBOB", "text": "threads"})
     assert f"`{tid()}` slack-desk: waiting_approval" in listed.text
+
+
+def test_slack_identities_carry_the_workspace_and_slack_star_means_its_members() -> None:
+    from channels.slack.identity import Person
+
+    alice, outsider = Person("T1", "UALICE", "T1"), Person("T2", "UALICE", "T1")
+    guest = Person("T1", "UGUEST", "T1", guest=True)
+    assert alice.names() == ("slack:T1:UALICE", "slack:UALICE") and outsider.names() == ("slack:T2:UALICE",)
+    assert alice.name_in(["slack:UALICE"]) == "slack:UALICE"  # the short form names the installed workspace's
+    assert alice.name_in(["slack:T1:UALICE"]) == "slack:T1:UALICE"
+    assert outsider.name_in(["slack:UALICE"]) is None and outsider.name_in(["slack:*"]) is None
+    assert outsider.name_in(["slack:T2:UALICE"]) == "slack:T2:UALICE"  # named in full: let in
+    assert guest.name_in(["slack:*"]) is None and guest.name_in(["slack:*"], allow_guests=True) == "slack:T1:UGUEST"
+    assert guest.name_in(["slack:UGUEST"]) == "slack:UGUEST"
+    assert alice.name_in(["slack:*"]) == "slack:T1:UALICE"  # the core's check matches it to slack:*
+
+
+async def test_people_from_another_workspace_and_guests_cannot_decide_and_see_only_their_threads(slack: Rig) -> None:
+    approval_id, card = await approval_card(slack)
+    # the same user id from another workspace (a Slack Connect channel): refused, nothing decided
+    payload = {"type": "block_actions", "user": {"id": "UALICE", "team_id": "T2"}, "team": {"id": "T2"},
+               "trigger_id": "trig", "channel": {"id": "CGEN"}, "message": {"ts": "1700000500.000001"},
+               "actions": [{"action_id": "handrail_approve", "value": approval_id}]}  # fmt: skip
+    assert (await slack.form({"payload": json.dumps(payload)})).status_code == 200
+    [told] = await slack.calls("chat.postEphemeral", lambda c: len(c) >= 1)
+    assert told.params["text"].startswith("You can't approve this: you belong to another workspace")
+    # slack:* stands for the installed workspace's members only: a guest is refused (users.info asked once)
+    redis, keys = slack.deps.redis, slack.deps.keys
+    await redis.hset(keys.approval(approval_id), "approvers", "slack:*")
+    slack.fake.users["UGUEST"] = {"is_restricted": True}
+    for _ in range(2):
+        await slack.click("handrail_approve", approval_id, "UGUEST", card)
+    told = await slack.calls("chat.postEphemeral", lambda c: len(c) >= 3)
+    assert told[-1].params["text"].startswith("You can't approve this: you are a guest in this workspace")
+    assert [c.params["user"] for c in slack.fake.made("users.info")] == ["UGUEST"]
+    assert (await approvals.get(redis, keys, approval_id)).state == "pending"
+    base = {"command": "/handrail", "team_id": "T1", "channel_id": "CGEN", "trigger_id": "t1", "text": "threads"}
+    assert (await slack.form(base | {"user_id": "UCAROL"})).text == "No Slack threads you may see."
+    assert f"`{tid()}`" in (await slack.form(base | {"user_id": "UALICE"})).text  # an approver sees them all
+    assert (await slack.form(base | {"user_id": "UBOB", "team_id": "T2"})).text == "No Slack threads you may see."
+    # a member decides through slack:*, under their full name
+    await slack.click("handrail_approve", approval_id, "UCAROL", card)
+    await wait_for(slack.deps, tid(), status_is(Status.DONE))
+    record = await approvals.get(redis, keys, approval_id)
+    assert (record.state, record.by) == ("approved", "slack:T1:UCAROL")
 
 
 # -- delivery ---------------------------------------------------------------------------------------------------
@@ -413,7 +467,7 @@ async def test_rate_limits_and_server_errors_are_retried_until_delivered(slack: 
     assert [c.status for c in attempts] == [429, 503, 200]
     assert attempts[1].at - attempts[0].at >= 1.0  # Retry-After was honoured
     assert reply.params["thread_ts"] == "1700000000.000100"
-    receipts = await slack.deps.redis.hgetall(slack.deps.keys.receipts(tid()))
+    receipts = await receipts_of(slack.deps, tid())
     assert list(receipts.values()) == [b"1700000500.000001"]
     assert await slack.deps.redis.xlen(slack.deps.keys.dlq) == 0
     assert "HTTP 429 ratelimited" in caplog.text and "HTTP 503" in caplog.text
@@ -447,10 +501,7 @@ async def test_a_message_posted_whose_answer_timed_out_is_not_posted_again(
         t0 = time.monotonic()
         await slack.event(mention("hello"))
 
-        for _ in range(500):
-            if receipts := await deps.redis.hgetall(deps.keys.receipts(tid())):
-                break
-            await asyncio.sleep(0.02)
+        receipts = await receipts_of(deps, tid())
         assert time.monotonic() - t0 < 1.4, "the call was given up after 0.4 s, not a whole second or more"
         [message] = slack.fake.messages
         assert list(receipts.values()) == [message["ts"].encode()]

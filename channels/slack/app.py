@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from slack_bolt.adapter.starlette.async_handler import AsyncSlackRequestHandler
 from slack_bolt.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import approvals, control, threads
@@ -30,6 +31,7 @@ from bot.events import ChannelRef, HumanAnswered
 from bot.runtime import Deps
 from bot.threads import Status
 from channels.slack import cards, payloads
+from channels.slack.identity import GuestCache, Person, identity
 from channels.slack.settings import SlackSettings
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,6 @@ _SUBTYPES = frozenset({None, "thread_broadcast", "file_share"})  # message subty
 def thread_id(team: str, channel: str, thread_ts: str) -> str:
     """A Slack thread is a Handrail thread: the id follows from where it lives."""
     return f"slack-{team}-{channel}-{thread_ts}"
-
-
-def identity(user: str) -> str:
-    return f"{KIND}:{user}"
 
 
 def web_client(settings: SlackSettings) -> AsyncWebClient:
@@ -79,7 +77,9 @@ class SlackInbound:
     """What each Slack request turns into on the inbound stream."""
 
     def __init__(self, deps: Deps, settings: SlackSettings, client: AsyncWebClient | None = None) -> None:
-        self.deps = deps
+        self.deps, self.settings = deps, settings
+        self._installed: str | None = None
+        self._guests = GuestCache()
         self.app = AsyncApp(
             client=client or web_client(settings),
             signing_secret=settings.signing_secret,
@@ -129,9 +129,9 @@ class SlackInbound:
         text = re.sub(rf"<@{re.escape(bot_user)}>\s*", "", str(event.get("text", ""))).strip() if bot_user else ""
         text = text or str(event.get("text", "")).strip()
         tid = thread_id(team, channel, thread_ts)
+        speaker = identity(str(event.get("user_team") or team), str(event["user"]))  # their own workspace
         ref = ChannelRef.model_validate(
-            {"kind": KIND, "address": channel, "user": identity(str(event["user"])), "team": team,
-             "thread_ts": thread_ts}
+            {"kind": KIND, "address": channel, "user": speaker, "team": team, "thread_ts": thread_ts}
         )  # fmt: skip
         # keyed by the message, not the event: a Slack retry and the app_mention + message pair are one message
         key = f"slack:{team}:{channel}:{ts}"
@@ -151,9 +151,13 @@ class SlackInbound:
 
     async def on_approve(self, ack: Any, body: dict[str, Any], client: AsyncWebClient) -> None:
         await ack()
-        approval_id, user = str(body["actions"][0]["value"]), str(body["user"]["id"])
+        approval_id = str(body["actions"][0]["value"])
+        problem, record, by = await self._may_decide(approval_id, body)
+        if record is None or problem:
+            await self._ephemeral(client, body, problem or "This approval no longer exists.")
+            return
         try:
-            outcome = await control.decide(self.deps, approval_id, by=identity(user), approved=True)
+            outcome = await control.decide(self.deps, approval_id, by=by, approved=True)
         except HandrailError as exc:
             await self._ephemeral(client, body, str(exc))
             return
@@ -163,8 +167,8 @@ class SlackInbound:
     async def on_open_modal(self, ack: Any, body: dict[str, Any], client: AsyncWebClient) -> None:
         await ack()
         action = body["actions"][0]
-        approval_id, user = str(action["value"]), str(body["user"]["id"])
-        problem, record = await self._may_decide(approval_id, identity(user))
+        approval_id = str(action["value"])
+        problem, record, _ = await self._may_decide(approval_id, body)
         if record is None or problem:
             await self._ephemeral(client, body, problem or "This approval no longer exists.")
             return
@@ -175,21 +179,26 @@ class SlackInbound:
         await client.views_open(trigger_id=body["trigger_id"], view=view)
 
     async def on_reject(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
-        approval_id, user = str(view["private_metadata"]), str(body["user"]["id"])
+        approval_id = str(view["private_metadata"])
         values = view.get("state", {}).get("values", {})
         reason = str((values.get(cards.REASON_BLOCK, {}).get(cards.REASON_INPUT) or {}).get("value") or "")
-        outcome = await control.decide(self.deps, approval_id, by=identity(user), approved=False, feedback=reason)
+        problem, record, by = await self._may_decide(approval_id, body)
+        if record is None or problem:
+            gone = problem or "This approval no longer exists."
+            await ack(response_action="errors", errors={cards.REASON_BLOCK: gone})
+            return
+        outcome = await control.decide(self.deps, approval_id, by=by, approved=False, feedback=reason)
         if outcome.result == "ok":
             await ack()
         else:
             await ack(response_action="errors", errors={cards.REASON_BLOCK: refusal(outcome)})
 
     async def on_edit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
-        approval_id, user = str(view["private_metadata"]), str(body["user"]["id"])
+        approval_id = str(view["private_metadata"])
         values = view.get("state", {}).get("values", {})
         shown = [b.removeprefix(cards.ARG_PREFIX) for b in values if b.startswith(cards.ARG_PREFIX)]
         first = next(iter(values), cards.ARG_PREFIX)
-        problem, record = await self._may_decide(approval_id, identity(user))
+        problem, record, by = await self._may_decide(approval_id, body)
         if record is None or problem:
             await ack(response_action="errors", errors={first: problem or "This approval no longer exists."})
             return
@@ -199,7 +208,7 @@ class SlackInbound:
             await ack(response_action="errors", errors=cards.field_errors(invalid, shown, first))
             return
         try:
-            outcome = await control.decide(self.deps, approval_id, by=identity(user), approved=True, args=args)
+            outcome = await control.decide(self.deps, approval_id, by=by, approved=True, args=args)
         except HandrailError as exc:
             await ack(response_action="errors", errors={first: str(exc)[: cards.ERROR_MAX]})
             return
@@ -207,6 +216,56 @@ class SlackInbound:
             await ack()
         else:
             await ack(response_action="errors", errors={first: refusal(outcome)})
+
+    # -- who is asking
+
+    async def installed_team(self) -> str:
+        """The workspace the app is installed in (auth.test's team_id), asked once."""
+        if self._installed is None:
+            self._installed = str((await self.app.client.auth_test()).get("team_id") or "")
+        return self._installed
+
+    async def person(self, team: str, user: str) -> Person:
+        """The user as checked against the installation; a member's guest status comes from users.info."""
+        installed = await self.installed_team()
+        guest = False
+        if team == installed:
+            known = self._guests.get(user)
+            if known is None:
+                try:
+                    info = (await self.app.client.users_info(user=user)).get("user") or {}
+                    known = bool(info.get("is_restricted") or info.get("is_ultra_restricted"))
+                    self._guests.put(user, known)
+                except SlackApiError as exc:  # not cached: asked again next time
+                    log.warning("slack: users.info failed for %s (%s); treated as a guest for now", user, exc)
+                    known = True
+            guest = known
+        return Person(team, user, installed, guest)
+
+    async def requester(self, body: dict[str, Any]) -> Person:
+        """Who sent an interaction: their own workspace (user.team_id), else the request's."""
+        user = body["user"]
+        return await self.person(str(user.get("team_id") or (body.get("team") or {}).get("id") or ""), str(user["id"]))
+
+    async def _may_decide(
+        self, approval_id: str, body: dict[str, Any]
+    ) -> tuple[str, approvals.ApprovalRecord | None, str]:
+        """The name the clicker decides under, or why they cannot (checked before a modal opens, so nobody types
+        a reason that cannot count; decide checks again, in one place)."""
+        try:
+            record = await approvals.get(self.deps.redis, self.deps.keys, approval_id)
+        except HandrailError:
+            return "", None, ""
+        if record.state != "pending":
+            return refusal(approvals.Outcome("decided", record.state, record.by, record.at)), record, ""
+        who = await self.requester(body)
+        name = who.name_in(record.approvers, allow_guests=self.settings.allow_guests)
+        if name is None:
+            why = "you are a guest in this workspace" if who.guest else "you belong to another workspace"
+            return f"You can't approve this: {why}, and only its approvers named in the configuration may.", record, ""
+        if not ApprovalPolicy(record.approvers).allows(name):
+            return refusal(approvals.Outcome("forbidden")), record, ""
+        return "", record, name
 
     async def _invalid(self, record: approvals.ApprovalRecord, args: dict[str, Any]) -> list[dict[str, Any]]:
         """What the tool's schema finds wrong with the edited arguments (decide checks them again)."""
@@ -221,18 +280,6 @@ class SlackInbound:
             return [dict(e) for e in exc.errors(include_url=False, include_input=False)]
         return []
 
-    async def _may_decide(self, approval_id: str, who: str) -> tuple[str, approvals.ApprovalRecord | None]:
-        """Checked before a modal opens, so nobody types a reason that cannot count (decide checks again)."""
-        try:
-            record = await approvals.get(self.deps.redis, self.deps.keys, approval_id)
-        except HandrailError:
-            return "", None
-        if record.state != "pending":
-            return refusal(approvals.Outcome("decided", record.state, record.by, record.at)), record
-        if not ApprovalPolicy(record.approvers).allows(who):
-            return refusal(approvals.Outcome("forbidden")), record
-        return "", record
-
     async def _ephemeral(self, client: AsyncWebClient, body: dict[str, Any], text: str) -> None:
         """Only the clicker sees it."""
         message = body.get("message") or {}
@@ -244,21 +291,51 @@ class SlackInbound:
     # -- /handrail
 
     async def on_command(self, ack: Any, command: dict[str, Any]) -> None:
-        me = identity(str(command["user_id"]))
+        me = await self.person(str(command.get("user_team_id") or command["team_id"]), str(command["user_id"]))
         word = str(command.get("text") or "").strip().lower()
         if word in ("", "approvals"):
             mine = [a for a in await approvals.pending(self.deps.redis, self.deps.keys)
-                    if ApprovalPolicy(a.approvers).allows(me)]  # fmt: skip
-            lines = [f"• *{a.tool}* {json.dumps(a.args, ensure_ascii=False)} (thread `{a.thread_id}`, "
-                     f"approval `{a.id}`)" for a in mine]  # fmt: skip
+                    if (name := me.name_in(a.approvers, allow_guests=self.settings.allow_guests))
+                    and ApprovalPolicy(a.approvers).allows(name)]  # fmt: skip
+            lines = [f"• *{cards.escape(a.tool)}* `{cards.escape(json.dumps(a.args, ensure_ascii=False))}` "
+                     f"(thread `{a.thread_id}`, approval `{a.id}`)" for a in mine]  # fmt: skip
             text = "Waiting for your decision:\n" + "\n".join(lines) if lines else "Nothing is waiting for you."
         elif word == "threads":
-            rows = [r for r in await control.list_threads(self.deps, limit=200) if r.id.startswith("slack-")][:15]
+            rows = await self._visible_threads(me)
             lines = [f"• `{r.id}` {r.agent}: {r.status} ({r.events} events)" for r in rows]
-            text = "Recent Slack threads:\n" + "\n".join(lines) if lines else "No Slack threads yet."
+            whose = "Recent Slack threads" if self._sees_all(me) else "Your recent Slack threads"
+            text = f"{whose}:\n" + "\n".join(lines) if lines else "No Slack threads you may see."
         else:
             text = "Usage: `/handrail` or `/handrail approvals` (what waits for you), `/handrail threads`."
-        await ack(text=text)
+        await ack(text=text[:3000])
+
+    def _sees_all(self, me: Person) -> bool:
+        """Admins (SLACK_ADMINS) and approvers named in the configuration see every Slack thread."""
+        if not me.member and not (me.guest and self.settings.allow_guests):
+            return False
+        named = set(self.settings.admins)
+        for agent in self.deps.agents.agents.values():
+            for policy in agent.approvals.values():
+                named.update(policy.approvers)
+        return any(n in named for n in me.names())
+
+    async def _visible_threads(self, me: Person, limit: int = 15) -> list[control.Summary]:
+        """The recent Slack threads this caller may see: all of them for admins and approvers, else their own."""
+        everything = self._sees_all(me)
+        names = set(me.names())
+        out: list[control.Summary] = []
+        for tid in await threads.recent_ids(self.deps.redis, self.deps.keys, limit=200):
+            if not tid.startswith("slack-"):
+                continue
+            t = await threads.load(self.deps.redis, self.deps.keys, tid)
+            if not t.events:
+                continue
+            started_by = next((str(getattr(e, "user", "")) for e in t.events if e.type == "message.received"), "")
+            if everything or started_by in names:
+                out.append(control.Summary(t.id, t.agent, t.status, len(t.events), t.events[-1].at))
+            if len(out) >= limit:
+                break
+        return out
 
 
 def refusal(outcome: approvals.Outcome) -> str:

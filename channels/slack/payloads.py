@@ -54,7 +54,7 @@ def event_problem(doc: Mapping[str, Any]) -> str | None:
         return why
     why = _first(
         *(_str(doc, ["event", name]) for name in ("channel", "ts")),
-        *(_str(doc, ["event", name], required=False) for name in ("thread_ts", "user", "team", "subtype")),
+        *(_str(doc, ["event", name], required=False) for name in ("thread_ts", "user", "team", "subtype", "user_team")),
         _str(doc, ["event", "channel_type"], required=False),
         *(_str(doc, ["event", name], required=False, nonempty=False) for name in ("text", "bot_id")),
     )
