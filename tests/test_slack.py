@@ -455,6 +455,57 @@ async def test_people_from_another_workspace_and_guests_cannot_decide_and_see_on
     assert (record.state, record.by) == ("approved", "slack:T1:UCAROL")
 
 
+async def test_cancelling_a_thread_takes_the_buttons_off_its_pending_card(slack: Rig) -> None:
+    from bot import control
+
+    approval_id, _ = await approval_card(slack)
+    await control.cancel(slack.deps, tid(), by="api:ops")
+    [update] = await slack.calls("chat.update", lambda c: len(c) >= 1)
+    assert update.params["text"] == ":no_entry_sign: Cancelled by api:ops; nothing ran."
+    assert update.params["blocks"][-1] == section(update.params["text"]) | {"block_id": "verdict"}
+    assert not any(b["type"] == "actions" for b in update.params["blocks"])
+    told = await slack.posted(2)
+    assert told[1].params["text"] == "Cancelled by api:ops."
+    assert (await approvals.get(slack.deps.redis, slack.deps.keys, approval_id)).state == "cancelled"
+
+
+async def test_a_message_while_the_card_waits_is_recorded_and_its_sender_told_what_happens(slack: Rig) -> None:
+    approval_id, card = await approval_card(slack)
+    reply = {"type": "message", "channel_type": "channel", "channel": "CGEN", "user": "UBOB", "text": "any news?",
+             "ts": "1700000009.000100", "thread_ts": "1700000000.000100", "team": "T1"}  # fmt: skip
+    assert (await slack.event(reply)).status_code == 200
+    [noted] = await slack.calls("chat.postEphemeral", lambda c: len(c) >= 1)
+    assert noted.params == {
+        "channel": "CGEN", "user": "UBOB", "thread_ts": "1700000000.000100",
+        "text": "Noted. This thread waits for a decision on *issue_refund* (the card above); the agent reads your "
+                "message once it is approved or rejected.",
+    }  # fmt: skip
+
+    async def recorded() -> bool:
+        thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
+        return any(getattr(e, "text", "") == "any news?" for e in thread.events)
+
+    for _ in range(250):
+        if await recorded():
+            break
+        await asyncio.sleep(0.02)
+    thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
+    assert thread.status is Status.WAITING_APPROVAL and count(thread, "message.received") == 2
+    await slack.click("handrail_approve", approval_id, "UALICE", card)
+    await wait_for(slack.deps, tid(), status_is(Status.DONE))
+
+
+def test_the_readme_says_how_long_slack_delivery_is_retried() -> None:
+    from bot.outbox import backoff
+    from channels.slack.delivery import BASE_DELAY, MAX_ATTEMPTS
+    from tests.conftest import ROOT
+
+    waited = sum(backoff(n, BASE_DELAY, None) for n in range(1, MAX_ATTEMPTS))
+    assert 240 <= waited <= 360, waited
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{MAX_ATTEMPTS} attempts over about five minutes" in readme
+
+
 # -- delivery ---------------------------------------------------------------------------------------------------
 
 
@@ -768,7 +819,7 @@ def test_the_manifest_subscribes_to_what_the_app_handles() -> None:
         "app_mention", "message.im", "message.channels", "message.groups"
     }  # fmt: skip
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
-    assert {"app_mentions:read", "chat:write", "im:history", "channels:history", "commands"} <= scopes
+    assert {"app_mentions:read", "chat:write", "im:history", "channels:history", "commands", "users:read"} <= scopes
 
 
 async def test_socket_mode_events_are_recorded_then_acknowledged(deps: Deps, start_worker: Any) -> None:

@@ -7,15 +7,17 @@ idempotency key. User ids always come from the body Slack signed, never from a b
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
+import aiohttp
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -80,6 +82,7 @@ class SlackInbound:
         self.deps, self.settings = deps, settings
         self._installed: str | None = None
         self._guests = GuestCache()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.app = AsyncApp(
             client=client or web_client(settings),
             signing_secret=settings.signing_secret,
@@ -146,6 +149,25 @@ class SlackInbound:
             await deps.bus.publish(HumanAnswered(thread_id=tid, key=key, text=text, by=ref.user, ref=ref))
         else:
             await control.send(deps, tid, text, ref, key=key)
+            if thread.status is Status.WAITING_APPROVAL:  # recorded as context; the sender hears it was
+                self._later(self._noted(thread, channel, str(event["user"]), thread_ts))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Off the request's path: Slack wants its answer within three seconds."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _noted(self, thread: threads.Thread, channel: str, user: str, thread_ts: str) -> None:
+        """Tell whoever wrote in a thread whose card waits what becomes of their message (only they see it)."""
+        request = thread.open_approval()
+        tool = f"*{cards.escape(request.tool)}*" if request is not None else "the pending call"
+        text = (f"Noted. This thread waits for a decision on {tool} (the card above); the agent reads your message "
+                "once it is approved or rejected.")  # fmt: skip
+        try:
+            await self.app.client.chat_postEphemeral(channel=channel, user=user, text=text, thread_ts=thread_ts)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:  # the message itself is recorded
+            log.warning("slack: could not tell %s their message was noted: %s", user, exc)
 
     # -- approvals
 

@@ -22,9 +22,9 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import threads
-from bot.errors import DeliveryFailed, PermanentDeliveryError
-from bot.events import ApprovalDecided, ApprovalRequested
+from bot import approvals, threads
+from bot.errors import DeliveryFailed, NotFound, PermanentDeliveryError
+from bot.events import ApprovalDecided, ApprovalRequested, ThreadCancelled
 from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt
 from bot.runtime import Deps
 from channels.slack import cards
@@ -94,6 +94,8 @@ def sender(deps: Deps, client: AsyncWebClient) -> Deliver:
         thread_ts = (msg.ref.model_extra or {}).get("thread_ts")
         if msg.kind == "approval_update" and msg.approval:
             return await _update_card(deps, client, msg, channel, thread_ts)
+        if msg.kind == "text" and msg.text.startswith("Cancelled by"):  # the core's words: only then load the log
+            await _cancel_card(deps, client, msg, channel, thread_ts)
         blocks = cards.request_card(msg.approval) if msg.kind == "approval_request" and msg.approval else None
         text = f":warning: {msg.text}" if msg.kind == "error" else msg.text
         return await post_once(deps, client, msg, channel, thread_ts, text=text, blocks=blocks)
@@ -150,7 +152,7 @@ async def _find(
 
 async def _update_card(
     deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None
-) -> Receipt:
+) -> Receipt | None:
     """Replace the card's buttons by the verdict; found through the receipt of the request's message. The card
     then shows the call that ran: the approver's edited arguments, if they edited them."""
     assert msg.approval is not None
@@ -165,16 +167,37 @@ async def _update_card(
     return await update_card(deps, client, msg, channel, thread_ts, request, args, update)
 
 
+async def _cancel_card(deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None) -> None:
+    """A thread cancelled while its card waited: the card loses its buttons and says who cancelled it. Done before
+    the "Cancelled by" message goes out; chat.update is idempotent, so a retry does it again harmlessly."""
+    thread = await threads.load(deps.redis, deps.keys, msg.thread_id)
+    cancel = next((e for e in thread.events if e.id == msg.id and isinstance(e, ThreadCancelled)), None)
+    if cancel is None:
+        return
+    before = thread.events[: thread.events.index(cancel)]
+    request = next((e for e in reversed(before) if isinstance(e, ApprovalRequested)), None)
+    if request is None or any(isinstance(e, ApprovalDecided) and e.approval_id == request.approval_id for e in before):
+        return
+    try:
+        record = await approvals.get(deps.redis, deps.keys, request.approval_id)
+    except NotFound:
+        return
+    if record.state != "cancelled":
+        return  # decided first: that decision's own update tells it
+    update = {"id": request.approval_id, "cancelled_by": cancel.by or ""}
+    await update_card(deps, client, msg, channel, thread_ts, request, request.args, update, post_if_missing=False)
+
+
 async def update_card(
     deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None,
-    request: ApprovalRequested | None, args: dict[str, Any], update: dict[str, Any],
-) -> Receipt:  # fmt: skip
+    request: ApprovalRequested | None, args: dict[str, Any], update: dict[str, Any], *, post_if_missing: bool = True,
+) -> Receipt | None:  # fmt: skip
     ts = None
     if request is not None:
         ts = await deps.redis.hget(deps.keys.receipts(msg.thread_id), f"{KIND}:{request.id}")
     text = cards.verdict(update)
     if request is None or ts is None:  # the card never went out (dead-lettered): say it in the thread instead
-        return await post_once(deps, client, msg, channel, thread_ts, text=text)
+        return await post_once(deps, client, msg, channel, thread_ts, text=text) if post_if_missing else None
     blocks = cards.decided_card(request.approval_id, request.tool, args, request.reason, update)
     done = await _call("chat.update", client.chat_update(channel=channel, ts=ts.decode(), text=text, blocks=blocks))
     return Receipt(channel_id=str(done["ts"]))
