@@ -565,6 +565,23 @@ async def test_a_message_posted_whose_answer_timed_out_is_not_posted_again(
         assert len(slack.fake.messages) == 1 and await deps.redis.xlen(deps.keys.dlq) == 0
 
 
+async def test_a_top_level_message_whose_answer_was_lost_is_found_in_the_channel_history(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any
+) -> None:
+    monkeypatch.setenv("SLACK_API_TIMEOUT", "0.3")
+    async with rig(deps, monkeypatch, start_worker) as slack:
+        slack.fake.epoch = int(time.time())
+        slack.fake.failures["chat.postMessage"] = [(-1, {"hang": "1"})]
+        top = Outbound(id="e1", thread_id="api-1", ref=ChannelRef(kind="slack", address="CNEWS"), kind="text",
+                       text="the nightly report is ready")  # fmt: skip
+        await queue(deps, top)
+        receipts = await receipts_of(deps, "api-1")
+        [message] = slack.fake.messages
+        assert receipts == {b"slack:e1": message["ts"].encode()} and message["thread_ts"] is None
+        [lookup] = slack.fake.made("conversations.history")
+        assert lookup.params["channel"] == "CNEWS" and slack.fake.made("conversations.replies") == []
+
+
 def said(n: int, channel: str, thread_ts: str) -> Outbound:
     ref = ChannelRef(kind="slack", address=channel, user="slack:UBOB", thread_ts=thread_ts)
     return Outbound(id=f"e{n}", thread_id=f"slack-T1-{channel}-{thread_ts}", ref=ref, kind="text", text=f"say {n}")

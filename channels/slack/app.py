@@ -244,7 +244,11 @@ class SlackInbound:
     async def installed_team(self) -> str:
         """The workspace the app is installed in (auth.test's team_id), asked once."""
         if self._installed is None:
-            self._installed = str((await self.app.client.auth_test()).get("team_id") or "")
+            try:
+                self._installed = str((await self.app.client.auth_test()).get("team_id") or "")
+            except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("slack: auth.test failed: %s", exc)
+                raise HandrailError("Slack could not tell who you are just now; try again in a moment.") from None
         return self._installed
 
     async def person(self, team: str, user: str) -> Person:
@@ -258,7 +262,7 @@ class SlackInbound:
                     info = (await self.app.client.users_info(user=user)).get("user") or {}
                     known = bool(info.get("is_restricted") or info.get("is_ultra_restricted"))
                     self._guests.put(user, known)
-                except SlackApiError as exc:  # not cached: asked again next time
+                except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:  # not cached: asked again next time
                     log.warning("slack: users.info failed for %s (%s); treated as a guest for now", user, exc)
                     known = True
             guest = known
@@ -280,7 +284,10 @@ class SlackInbound:
             return "", None, ""
         if record.state != "pending":
             return refusal(approvals.Outcome("decided", record.state, record.by, record.at)), record, ""
-        who = await self.requester(body)
+        try:
+            who = await self.requester(body)
+        except HandrailError as exc:
+            return str(exc), record, ""
         name = who.name_in(record.approvers, allow_guests=self.settings.allow_guests)
         if name is None:
             why = "you are a guest in this workspace" if who.guest else "you belong to another workspace"
@@ -313,7 +320,11 @@ class SlackInbound:
     # -- /handrail
 
     async def on_command(self, ack: Any, command: dict[str, Any]) -> None:
-        me = await self.person(str(command.get("user_team_id") or command["team_id"]), str(command["user_id"]))
+        try:
+            me = await self.person(str(command.get("user_team_id") or command["team_id"]), str(command["user_id"]))
+        except HandrailError as exc:
+            await ack(text=str(exc))
+            return
         word = str(command.get("text") or "").strip().lower()
         if word in ("", "approvals"):
             mine = [a for a in await approvals.pending(self.deps.redis, self.deps.keys)
@@ -329,7 +340,9 @@ class SlackInbound:
             text = f"{whose}:\n" + "\n".join(lines) if lines else "No Slack threads you may see."
         else:
             text = "Usage: `/handrail` or `/handrail approvals` (what waits for you), `/handrail threads`."
-        await ack(text=text[:3000])
+        if len(text) > 3000:  # what fits, and where the rest is
+            text = text[: 3000 - 120].rsplit("\n", 1)[0] + "\n…and more: `handrail approvals list` shows them all."
+        await ack(text=text)
 
     def _sees_all(self, me: Person) -> bool:
         """Admins (SLACK_ADMINS) and approvers named in the configuration see every Slack thread."""

@@ -156,6 +156,9 @@ def verdict(update: Mapping[str, Any]) -> str:
     by = who(str(update.get("by") or "")) or "an operator"
     if update.get("cancelled_by") is not None:
         return f":no_entry_sign: Cancelled by {who(str(update['cancelled_by'])) or 'an operator'}; nothing ran."
+    if update.get("cancelled"):  # decided, but a cancel got to the thread first
+        state = "Approved" if update.get("approved") else "Rejected"
+        return f":no_entry_sign: {state} by {by}, but the thread was cancelled first; nothing ran."
     if update.get("approved"):
         edited = " with edited arguments" if update.get("edited") else ""
         return f":white_check_mark: Approved by {by}{edited} at {when(int(update.get('at') or 0))}"

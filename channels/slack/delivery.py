@@ -115,7 +115,11 @@ async def post_once(
     tried = deps.keys.thread_key(msg.thread_id, TRIED)
     first = await deps.redis.hget(tried, msg.id)
     if first is not None:
-        ts = await _find(client, channel, thread_ts, msg.id, since=float(first) - LOOKUP_SLACK_S)
+        try:
+            ts = await _find(client, channel, thread_ts, msg.id, since=float(first) - LOOKUP_SLACK_S)
+        except PermanentDeliveryError as exc:  # this channel's history cannot be read: a repeat beats a loss
+            log.warning("slack: could not look for %s before posting it again (%s)", msg.id, exc.reason)
+            ts = None
         if ts is not None:
             log.info("slack: %s was posted by an attempt whose answer was lost; not posting it again", msg.id)
             return Receipt(channel_id=ts)
