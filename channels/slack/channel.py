@@ -45,10 +45,17 @@ class SlackChannel(BaseChannel):
             return [lambda stop: run_socket_mode(deps, stop, settings=settings)]
         return []
 
-    def identity(self, user: str) -> str:
-        from channels.slack.app import identity
+    def thread_keys(self) -> Sequence[str]:
+        from channels.slack.delivery import THREAD_KEY_SUFFIXES
 
-        return identity(user)
+        return THREAD_KEY_SUFFIXES
+
+    def identity(self, user: str) -> str:
+        """``slack:T…:U…`` for ``T…:U…`` (a person of any workspace), ``slack:U…`` for the installed one's."""
+        from channels.slack.identity import identity
+
+        team, _, member = user.rpartition(":")
+        return identity(team, member)
 
 
 channel = SlackChannel()
