@@ -17,15 +17,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot import codec, control, jsonbody, threads
+from bot import approvals, codec, control, jsonbody, threads
 from bot.channel import BaseChannel
 from bot.errors import ConfigError, Conflict, HandrailError, NotFound
-from bot.events import ChannelRef, HumanAnswered, ThreadLaunched, new_id
+from bot.events import ApprovalRequested, ChannelRef, HumanAnswered, ThreadLaunched, new_id
 from bot.runtime import Deps
 from bot.threads import Status
 
@@ -97,6 +98,12 @@ class ApprovalOut(BaseModel):
     requested_at: int
 
 
+class ApprovalDetailOut(ApprovalOut):
+    state: str  # pending, approved, rejected, cancelled
+    by: str = ""  # who decided, once decided
+    at: int = 0  # when
+
+
 class ThreadPage(BaseModel):
     items: list[ThreadOut]
     next: str | None = Field(description="pass as ?cursor= for the following page; null: this was the last")
@@ -162,7 +169,7 @@ def bearer(authorization: str | None) -> bytes:
 
 def _authenticator(keys: list[tuple[bytes, Principal]]) -> Callable[[Scope], Any]:
     def needs(scope: Scope) -> Any:
-        async def check(authorization: Annotated[str | None, Header()] = None) -> Principal:
+        async def check(authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Principal:
             token = bearer(authorization)
             found = None
             for secret, principal in keys:  # compare with every key, in constant time each
@@ -263,6 +270,10 @@ IDEMPOTENCY_KEY = Header(
 CURSOR = Query(max_length=512, pattern=r"^[0-9]+:.+$", description="the previous page's next")
 
 
+# In the OpenAPI document only (as the security scheme every route needs): the check itself is _authenticator's.
+BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey", description="an API key from config (api_keys)")
+
+
 def router(deps: Deps) -> APIRouter:
     # FastAPI reads these annotations at runtime, so this module has no `from __future__ import annotations`.
     needs = _authenticator(load_keys(deps))
@@ -270,7 +281,7 @@ def router(deps: Deps) -> APIRouter:
     Reader = Annotated[Principal, needs("read")]
     Decider = Annotated[Principal, needs("decide")]
     IdemKey = Annotated[str | None, IDEMPOTENCY_KEY]
-    api = APIRouter(prefix="/api/v1", tags=["threads"], route_class=_AuthFirst)
+    api = APIRouter(prefix="/api/v1", tags=["threads"], route_class=_AuthFirst, dependencies=[Security(BEARER)])
     posted = (400, 401, 403, 413, 422, 503)
 
     def accepted(a: control.Accepted) -> tuple[int, Any]:
@@ -420,6 +431,27 @@ def router(deps: Deps) -> APIRouter:
             for a in page.items
         ]  # fmt: skip
         return ApprovalPage(items=items, next=page.next)
+
+    @api.get(
+        "/approvals/{approval_id}", response_model=ApprovalDetailOut, tags=["approvals"],
+        responses=_errors(401, 403, 404, 503),
+    )  # fmt: skip
+    async def approval(approval_id: str, who: Reader) -> ApprovalDetailOut:
+        """One approval: the exact call it is bound to, every argument in full, and its state."""
+        try:
+            record = await approvals.get(deps.redis, deps.keys, approval_id)
+        except NotFound:
+            raise HTTPException(404, f"no approval {approval_id!r}") from None
+        _, _, thread = await existing(record.thread_id, who)
+        request = next((e for e in (thread.events if thread else []) if isinstance(e, ApprovalRequested)
+                        and e.approval_id == approval_id), None)  # fmt: skip
+        if request is None:  # the record outlives nothing else: its request is in the thread's log
+            raise HTTPException(404, f"no approval {approval_id!r}")
+        return ApprovalDetailOut(
+            id=approval_id, thread_id=record.thread_id, tool=request.tool, args=request.args,
+            approvers=list(request.approvers), reason=request.reason, requested_at=request.at,
+            state=record.state, by=record.by, at=record.at,
+        )  # fmt: skip
 
     @api.post(
         "/approvals/{approval_id}/decision", response_model=DecisionOut, tags=["approvals"],

@@ -66,6 +66,14 @@ async def test_launch_decide_and_read_a_thread_over_http(api: httpx.AsyncClient,
     assert again.status_code == 409
     assert again.json()["detail"].startswith("already approved by api:ops at ")
 
+    # one approval, after its decision: the full call from the thread's log, and who decided
+    one = (await api.get(f"/api/v1/approvals/{pending['id']}", headers=auth("reader"))).json()
+    assert {k: one[k] for k in ("thread_id", "tool", "args", "state", "by")} == {
+        "thread_id": tid, "tool": "issue_refund", "args": {"order_id": "A100", "amount_cents": 2500},
+        "state": "approved", "by": "api:ops",
+    }  # fmt: skip
+    assert (await api.get("/api/v1/approvals/nope", headers=auth("reader"))).status_code == 404
+
 
 async def test_the_same_idempotency_key_twice_makes_one_thread(api: httpx.AsyncClient, deps: Deps) -> None:
     body = {"agent": "refund-desk", "message": "refund A101"}

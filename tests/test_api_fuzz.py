@@ -29,6 +29,13 @@ async def test_the_openapi_document_describes_security_errors_and_idempotency(
         "$ref": "#/components/schemas/ErrorOut"
     }
     assert any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in launch["parameters"])
+    # every route names the bearer scheme; the Authorization header is not listed as a plain parameter
+    assert spec["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": "an API key from config (api_keys)"
+    }  # fmt: skip
+    routes = [op for name, path in spec["paths"].items() if name.startswith("/api/v1/") for op in path.values()]
+    assert routes and all(op.get("security") == [{"apiKey": []}] for op in routes)
+    assert not any(p["name"].lower() == "authorization" for op in routes for p in op.get("parameters", []))
 
 
 @pytest.mark.skipif(shutil.which("schemathesis", path=str(Path(sys.executable).parent)) is None,

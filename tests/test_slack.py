@@ -361,7 +361,7 @@ def test_the_card_never_cuts_silently_and_stays_within_block_kit_limits() -> Non
     warning = next(t for t in texts if t.startswith(":warning:"))
     assert warning == (
         f":warning: {60 - shown} more arguments not shown; a value cut: *body*. The full call: "
-        "`handrail approvals list`, or GET /api/v1/approvals (approval `ap2`)."
+        "`handrail approvals list`, or GET /api/v1/approvals/ap2."
     )
     assert next(t for t in texts if t.startswith("*Why")).endswith("…\n_The reason was cut._")
 

@@ -74,7 +74,7 @@ def code(escaped: str) -> str:
 
 
 def full_call(approval_id: str) -> str:
-    return f"The full call: `handrail approvals list`, or GET /api/v1/approvals (approval `{escape(approval_id)}`)."
+    return f"The full call: `handrail approvals list`, or GET /api/v1/approvals/{escape(approval_id)}."
 
 
 def _mrkdwn(text: str) -> dict[str, Any]:
