@@ -182,8 +182,20 @@ async def test_a_mail_is_answered_in_its_thread_and_a_reply_continues_it(mail: R
     said = [e.text for e in thread.events if e.type == "message.received"]  # type: ignore[union-attr]
     assert said == ["hello", "refund A101"]
     assert (await mail.only_thread()).id == thread.id
+    # the approver gets a fresh conversation about the approval; the requester hears that it waits, in their own
     [request] = await mail.mails(ALICE, 1)
-    assert (request["In-Reply-To"], request["References"]) == (second, f"{first} {answer['Message-ID']} {second}")
+    assert (request["Subject"], request["In-Reply-To"], request["References"]) == (
+        "Approval request: issue_refund (Question)",
+        None,
+        None,
+    )
+    _, waiting = await mail.mails(BOB, 2)
+    assert (waiting["In-Reply-To"], waiting["References"]) == (second, f"{first} {answer['Message-ID']} {second}")
+    assert waiting.get_content().strip() == (
+        "Your request is waiting for approval: issue_refund needs a decision by "
+        f"email:{ALICE}. You will hear from me once it is decided."
+    )
+    assert all(m["Date"] is not None for m in mail.relay.mails(BOB) + mail.relay.mails(ALICE))
 
 
 # -- approvals --------------------------------------------------------------------------------------------------
@@ -195,13 +207,19 @@ async def test_an_approver_approves_by_reply_and_the_tool_runs_once(mail: Rig) -
     assert 'order_id: "A100"' in body and "amount_cents: 2500" in body
     assert 'reply with "approve" or "reject: <reason>"' in body
     assert request["Reply-To"] == f"bot+{plus_token(request)}@{DOMAIN}" and plus_token(request).startswith("a")
-    await mail.send(ALICE, str(request["Reply-To"]), "Approve\n\n> Approval needed to run issue_refund",
-                    subject=f"Re: {request['Subject']}", headers={"In-Reply-To": str(request["Message-ID"])})
+    await mail.send(
+        ALICE,
+        str(request["Reply-To"]),
+        "Approve\n\n> Approval needed to run issue_refund",
+        subject=f"Re: {request['Subject']}",
+        headers={"In-Reply-To": str(request["Message-ID"])},
+    )
     thread = await wait_for(mail.deps, thread.id, status_is(Status.DONE))
     decided = next(e for e in thread.events if e.type == "approval.decided")
     assert (decided.approved, decided.by) == (True, f"email:{ALICE}")  # type: ignore[union-attr]
     assert count(thread, "tool.started") == 2 and count(thread, "tool.result") == 2  # lookup, then the refund once
-    confirmation, done = await mail.mails(BOB, 2)
+    waiting, confirmation, done = await mail.mails(BOB, 3)
+    assert waiting.get_content().startswith("Your request is waiting for approval")
     assert confirmation.get_content().strip() == f"Approved by email:{ALICE}"
     assert done.get_content().strip().startswith("Refunded $25.00 on order A100")
 
@@ -212,7 +230,7 @@ async def test_a_rejection_by_reply_makes_the_agent_replan_with_the_reason(mail:
                     subject="Re: x")  # fmt: skip
     thread = await wait_for(mail.deps, thread.id, status_is(Status.DONE))
     assert count(thread, "tool.started") == 1  # the lookup only
-    _, reply = await mail.mails(BOB, 2)
+    _, _, reply = await mail.mails(BOB, 3)
     assert reply.get_content().strip() == (
         f"OK, I did not refund it. email:{ALICE} rejected the refund: already refunded by the bank"
     )
@@ -231,8 +249,15 @@ async def test_a_link_shows_a_confirm_page_and_decides_once_on_post(mail: Rig) -
             == "pending"  # type: ignore[union-attr]  # fmt: skip
         tampered = token[:-2] + ("00" if not token.endswith("00") else "11")
         assert (await http.post("/email/decide", data={"t": tampered})).status_code == 400
-        expired = links.sign(mail.settings, links.Link(thread.open_approval().approval_id,  # type: ignore[union-attr]
-                                                       f"email:{ALICE}", True, int(time.time()) - 1))
+        expired = links.sign(
+            mail.settings,
+            links.Link(
+                thread.open_approval().approval_id,  # type: ignore[union-attr]
+                f"email:{ALICE}",
+                True,
+                int(time.time()) - 1,
+            ),
+        )
         refused = await http.post("/email/decide", data={"t": expired})
         assert refused.status_code == 400 and "expired" in refused.text
         first = await http.post("/email/decide", data={"t": token})
@@ -256,11 +281,15 @@ async def test_forged_broken_automatic_and_tokenless_replies_decide_nothing(mail
     assert record.state == "pending"
     thread = await threads.get(mail.deps.redis, mail.deps.keys, thread.id)
     assert count(thread, "approval.decided") == 0 and thread.status is Status.WAITING_APPROVAL
-    # the genuine but invalid ones are told why; forged and automatic mail gets no answer
-    notes = await mail.mails(ALICE, 2)
-    assert [n.get_content().strip() for n in notes[1:]] == [
-        "Your reply was not taken as a decision: the reply's token is not valid."
+    # the approver is told about every reply in their name (so a forgery does not go unnoticed), the automatic
+    # one aside; the answers go to the approver's own address, never to the forger's
+    notes = await mail.mails(ALICE, 4)
+    assert sorted(n.get_content().strip() for n in notes[1:]) == [
+        "Your reply was not taken as a decision: DKIM signature does not verify.",
+        "Your reply was not taken as a decision: example.org signs its mail, but this one has no DKIM signature.",
+        "Your reply was not taken as a decision: the reply's token is not valid.",
     ]
+    assert mail.relay.mails(MALLORY) == []
     bob_notes = [m.get_content().strip() for m in await mail.mails(BOB, 1) if "not taken" in m.get_content()]
     assert bob_notes == [f"Your reply was not taken as a decision: {BOB} is not one of this request's approvers."]
     assert all(m["Auto-Submitted"] == "auto-generated" for m in mail.relay.mails(ALICE) + mail.relay.mails(BOB))
@@ -289,7 +318,7 @@ async def test_a_connection_dropped_during_idle_is_resumed_and_mail_is_handled_o
 async def test_bad_mail_never_stops_the_watcher(mail: Rig) -> None:
     raw_mails = [
         b"From: bob@example.org\r\nTo: bot@example.org\r\nSubject: broken\r\nContent-Type: multipart/mixed; "
-        b"boundary=\"nope\"\r\n\r\n--nope\r\nContent-Type: text/plain; charset=x-klingon\r\n\r\nqapla\r\n",
+        b'boundary="nope"\r\n\r\n--nope\r\nContent-Type: text/plain; charset=x-klingon\r\n\r\nqapla\r\n',
         b"To: bot@example.org\r\nSubject: nobody\r\n\r\nno sender\r\n",
         b"From: bob@example.org\r\nTo: bot@example.org\r\n\r\n",
     ]

@@ -8,13 +8,14 @@ import hashlib
 import html
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import EmailMessage, Message
-from email.utils import formataddr, getaddresses, parseaddr
+from email.utils import format_datetime, formataddr, getaddresses, parseaddr
 
 from mailparser_reply import EmailReplyParser
 
 MAX_TEXT = 20_000  # characters of a body the agent sees
-MAX_PARSE = 2_000_000  # bytes of a mail parsed at all; the rest is cut (a note says so)
+MAX_MAIL = 25_000_000  # bytes of a mail fetched and parsed at all (common servers' limit); the rest is cut
 _LANGUAGES = ["en", "de", "fr", "es", "it", "nl"]
 
 
@@ -67,11 +68,11 @@ def automatic_reason(msg: Message, sender: str, own: str) -> str:
 
 
 def parse(raw: bytes, own_address: str) -> Incoming:
-    """Read a mail, whatever state it is in; never raises."""
+    """Read a mail, whatever state it is in; never raises. CPU-bound on big mail: call it off the event loop."""
     notes: list[str] = []
-    if len(raw) > MAX_PARSE:
-        raw = raw[:MAX_PARSE]
-        notes.append(f"the mail was over {MAX_PARSE // 1_000_000} MB; only its beginning was read")
+    if len(raw) > MAX_MAIL:
+        raw = raw[:MAX_MAIL]
+        notes.append(f"the mail was over {MAX_MAIL // 1_000_000} MB; only its beginning was read")
     try:
         msg: Message = email.message_from_bytes(raw, policy=email.policy.default)
         _header(msg, "Subject")
@@ -130,8 +131,8 @@ def _body(msg: Message, notes: list[str]) -> tuple[str, list[str]]:
             plain.append(_decode(part, notes))
         elif ctype == "text/html":
             htmls.append(_decode(part, notes))
-    body = "\n".join(plain) if plain else "\n".join(html_to_text(h) for h in htmls)
-    text = reply_text(body)
+    body = "\n".join(plain) if plain else "\n".join(html_to_text(h[: MAX_TEXT * 20]) for h in htmls)
+    text = reply_text(body[: MAX_TEXT * 5])  # the reply parser's regexes need not see what would be cut anyway
     if len(text) > MAX_TEXT:
         text = text[:MAX_TEXT]
         notes.append(f"the text was cut at {MAX_TEXT} characters")
@@ -167,6 +168,7 @@ def compose(
     msg["To"] = ", ".join(to)
     msg["Subject"] = subject
     msg["Message-ID"] = message_id
+    msg["Date"] = format_datetime(datetime.now(UTC))  # RFC 5322 requires it
     if in_reply_to:
         msg["In-Reply-To"] = in_reply_to
     if references:
