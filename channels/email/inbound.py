@@ -227,6 +227,9 @@ class EmailInbound:
             record = await approvals.get(self.deps.redis, self.deps.keys, approval_id)
         except HandrailError:
             return await self._refuse(mail, "this approval no longer exists", auth=auth)
+        if record.state != "pending":  # a settled record keeps no approver list: say who decided, and when
+            settled = approvals.Outcome("decided", record.state, record.by, record.at)
+            return await self._refuse(mail, settled.message, record.thread_id, auth=auth)
         who = identity(mail.sender)
         if not ApprovalPolicy(record.approvers).allows(who):
             why = f"{mail.sender} is not one of this request's approvers"
