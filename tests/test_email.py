@@ -367,6 +367,11 @@ async def test_bad_mail_never_stops_the_watcher(mail: Rig) -> None:
         await aiosmtplib.send(signed, sender=BOB, recipients=[BOT], hostname="127.0.0.1", port=mail.smtp_port)
     await mail.send(BOB, BOT, "x" * 30_000, subject="huge")
     await mail.handled(4)
+    deadline = time.monotonic() + 10  # handled means published; the worker applies the launches a moment later
+    while len(rows := [r for r in await control.list_threads(mail.deps) if r.id.startswith("email-")]) < 3:
+        assert time.monotonic() < deadline, rows
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
     rows = [r for r in await control.list_threads(mail.deps) if r.id.startswith("email-")]
     texts = []
     for r in rows:
