@@ -210,8 +210,8 @@ async def test_a_mail_is_answered_in_its_thread_and_a_reply_continues_it(mail: R
     _, waiting = await mail.mails(BOB, 2)
     assert (waiting["In-Reply-To"], waiting["References"]) == (second, f"{first} {answer['Message-ID']} {second}")
     assert waiting.get_content().strip() == (
-        "Your request is waiting for approval: issue_refund needs a decision by "
-        f"email:{ALICE}. You will hear from me once it is decided."
+        "Your request is waiting for approval: issue_refund needs a person's decision. "
+        "You will hear from me once it is decided."
     )
     assert all(m["Date"] is not None for m in mail.relay.mails(BOB) + mail.relay.mails(ALICE))
 
@@ -459,6 +459,22 @@ def test_handrail_email_without_settings_says_what_to_set(env_for: Any) -> None:
 # -- pieces -----------------------------------------------------------------------------------------------------
 
 
+def test_who_vouches_for_a_mail() -> None:
+    """Alignment is the From domain or a subdomain of the signer; dmarc=pass counts only from a trusted server, for
+    the From domain."""
+    from channels.email.auth import aligned, dmarc_pass
+
+    assert aligned("example.org", "example.org") and aligned("mail.example.org", "example.org")
+    assert not aligned("example.org", "mail.example.org") and not aligned("badexample.org", "example.org")
+    trusted = frozenset({"mx.example.org"})
+    ok = "mx.example.org; spf=pass smtp.mailfrom=example.org; dmarc=pass (p=none) header.from=example.org"
+    assert dmarc_pass([ok], trusted, "example.org") == "mx.example.org"
+    assert dmarc_pass([ok], frozenset({"mx.other.test"}), "example.org") == ""  # not our server
+    assert dmarc_pass([ok], trusted, "evil.test") == ""  # another domain passed
+    assert dmarc_pass([ok.replace("dmarc=pass", "dmarc=fail")], trusted, "example.org") == ""
+    assert dmarc_pass(["mx.example.org 1; dmarc=pass"], trusted, "example.org") == "mx.example.org"
+
+
 def test_settings_are_all_or_nothing_and_keep_secrets_out_of_repr() -> None:
     from bot.errors import ConfigError
 
@@ -470,6 +486,16 @@ def test_settings_are_all_or_nothing_and_keep_secrets_out_of_repr() -> None:
             "HANDRAIL_PUBLIC_URL": "https://h.example.com/", "HANDRAIL_LINK_SECRET": "link-secret-value"}  # fmt: skip
     settings = EmailSettings.from_env(full)
     assert settings is not None and settings.public_url == "https://h.example.com" and settings.imap_port == 993
+    assert (settings.unauthenticated_decisions, settings.rate_per_hour, settings.unauthenticated_per_hour,
+            settings.unauthenticated_domain_per_hour, settings.dkim_resolver) == (False, 30, 100, 20, "")  # fmt: skip
+    tuned = EmailSettings.from_env(full | {
+        "EMAIL_UNAUTHENTICATED_DECISIONS": "yes", "EMAIL_TRUSTED_AUTHSERV_IDS": "MX.example.com, mx2.example.com",
+        "EMAIL_DKIM_RESOLVER": "10.0.0.53:5353", "EMAIL_DNS_TIMEOUT": "1.5", "EMAIL_UNAUTHENTICATED_PER_HOUR": "7",
+    })  # fmt: skip
+    assert tuned is not None and tuned.unauthenticated_decisions and tuned.unauthenticated_per_hour == 7
+    assert tuned.trusted_authserv_ids == {"mx.example.com", "mx2.example.com"} and tuned.dns_timeout == 1.5
+    with pytest.raises(ConfigError, match="EMAIL_DNS_TIMEOUT"):
+        EmailSettings.from_env(full | {"EMAIL_DNS_TIMEOUT": "soon"})
     assert not any(secret in repr(settings) for secret in ("imap-secret-pw", "smtp-secret-pw", "link-secret-value"))
 
 

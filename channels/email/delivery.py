@@ -95,10 +95,10 @@ def _approval_text(settings: EmailSettings, msg: Outbound, approver: str) -> str
     return text
 
 
-def _waiting_text(msg: Outbound, approvers: list[str]) -> str:
+def _waiting_text(msg: Outbound) -> str:
     assert msg.approval is not None
-    who = ", ".join(approvers) if approvers else "an approver"
-    return (f"Your request is waiting for approval: {msg.approval['tool']} needs a decision by {who}. "
+    # the approvers are not named: the requester may be a customer, and approver addresses are internal
+    return (f"Your request is waiting for approval: {msg.approval['tool']} needs a person's decision. "
             "You will hear from me once it is decided.")  # fmt: skip
 
 
@@ -139,7 +139,7 @@ async def build(deps: Deps, settings: EmailSettings, msg: Outbound) -> list[Mail
                          subject=_approval_subject(msg.approval["tool"], str(extra.get("subject") or ""))),
                     conversation=False, approval=True) for i, a in enumerate(approvers)]  # fmt: skip
         if msg.ref.address.lower() not in [a.split(":", 1)[1].lower() for a in approvers]:
-            out.append(Mail(mail("w", msg.ref.address, _waiting_text(msg, approvers)), conversation=True))
+            out.append(Mail(mail("w", msg.ref.address, _waiting_text(msg)), conversation=True))
         return out
     text = f"Something went wrong: {msg.text}" if msg.kind == "error" else msg.text
     return [Mail(mail("0", msg.ref.address, text), conversation=not notice)]

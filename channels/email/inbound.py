@@ -247,7 +247,8 @@ class EmailInbound:
             return await self._refuse(mail, outcome.message, record.thread_id, auth=auth, approver=True)
         # the reply joins the thread's lookup (a further reply finds it), not the requester's References
         await self.deps.redis.set(msgid_key(self.deps, mail.message_id), record.thread_id, ex=links.TOKEN_TTL)
-        what = f"{record.tool} ({', '.join(f'{k}={v}' for k, v in list(record.args.items())[:5])})"
+        shown = [f"{k}={str(v)[:100]}" for k, v in list(record.args.items())[:5]]
+        what = f"{record.tool} ({', '.join(shown)}{', …' if len(record.args) > 5 else ''})"
         text = f"Recorded: {outcome.state} {what}, by {who}." + (f"\nReason: {reason}" if reason else "")
         await self._notify(mail, text, record.thread_id)
         return Handled("decided", outcome.state, record.thread_id)
