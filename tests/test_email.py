@@ -388,10 +388,10 @@ async def test_a_mail_that_keeps_failing_is_dead_lettered_and_the_next_one_handl
 ) -> None:
     handle = mail.watcher.inbound.handle
 
-    async def failing(raw: bytes) -> Any:
+    async def failing(raw: bytes, size: int = 0) -> Any:
         if b"poison" in raw:
             raise RuntimeError("cannot handle this one")
-        return await handle(raw)
+        return await handle(raw, size)
 
     monkeypatch.setattr(mail.watcher.inbound, "handle", failing)
     await mail.send(BOB, BOT, "poison")
@@ -555,8 +555,8 @@ def spy(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     inbound = rig.watcher.inbound
     handle = inbound.handle
 
-    async def recording(raw: bytes) -> Any:
-        result = await handle(raw)
+    async def recording(raw: bytes, size: int = 0) -> Any:
+        result = await handle(raw, size)
         sender = re.search(rb"(?im)^From: *<?([^>\r\n]+)", raw)
         seen.append((sender.group(1).decode() if sender else "", result.action))
         return result
@@ -810,3 +810,19 @@ async def test_after_a_uidvalidity_change_only_unseen_mail_newer_than_the_waterm
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+async def test_a_mail_over_the_size_limit_is_read_in_part_and_its_signature_not_trusted(mail: Rig) -> None:
+    """Only the first EMAIL max bytes are fetched; a decision in such a mail is refused, and the approver told."""
+    mail.watcher.max_bytes = 200_000
+    thread, request = await approval_mail(mail)
+    await mail.send(BOB, BOT, "look at this", subject="Big", attachment=300_000)
+    await mail.send(ALICE, str(request["Reply-To"]), "approve", subject="Re: x", attachment=300_000)
+    await mail.mails(ALICE, 2)
+    assert reply_texts(mail, ALICE)[1] == (
+        "Your reply was not taken as a decision: the mail is too large to check its DKIM signature."
+    )
+    assert (await threads.get(mail.deps.redis, mail.deps.keys, thread.id)).status is Status.WAITING_APPROVAL
+    # a conversation mail that big is taken as unauthenticated mail, with a note saying it was cut
+    big = next(t for t in await email_threads(mail) if t.id != thread.id)
+    assert "[note: the mail was 0.4 MB; only its first 0.2 MB were read]" in first_text(big)

@@ -27,11 +27,13 @@ class Auth:
     verified: bool  # the From domain vouches for this mail
     problem: str = ""  # why it looks forged ("" when nothing speaks against it, e.g. simply unsigned)
     how: str = ""  # what vouched ("dkim d=example.org", "dmarc=pass by mx.example.org")
+    unchecked: str = ""  # why its signature could not be checked (no sign of forgery, but no authentication)
 
     def why_not(self, domain: str) -> str:
         """Why this mail does not count as authenticated, in words for its sender."""
-        return self.problem or (f"the mail is not authenticated: it has no DKIM signature of {domain} and no trusted "
-                                "server reported DMARC pass for it")  # fmt: skip
+        generic = (f"the mail is not authenticated: it has no DKIM signature of {domain} and no trusted server "
+                   "reported DMARC pass for it")  # fmt: skip
+        return self.problem or self.unchecked or generic
 
 
 def aligned(from_domain: str, signer: str) -> bool:
@@ -91,9 +93,10 @@ def resolver(address: str = "", timeout: float = 5.0) -> DnsFunc:
 
 def authenticate(
     raw: bytes, sender: str, *, dns_lookup: DnsFunc, required_domains: frozenset[str] = frozenset(),
-    trusted: frozenset[str] = frozenset(),
+    trusted: frozenset[str] = frozenset(), complete: bool = True,
 ) -> Auth:  # fmt: skip
-    """Check the whole mail ``raw`` from ``sender``; raises TemporaryAuthFailure when DNS cannot answer now."""
+    """Check the whole mail ``raw`` from ``sender`` (``complete=False``: only its beginning was fetched, so no
+    signature can verify); raises TemporaryAuthFailure when DNS cannot answer now."""
     domain = sender.rsplit("@", 1)[-1].lower()
     server = dmarc_pass(_headers(raw, b"authentication-results"), trusted, domain)
     if server:
@@ -102,6 +105,8 @@ def authenticate(
     if not signatures:
         problem = f"{domain} signs its mail, but this one has no DKIM signature" if domain in required_domains else ""
         return Auth(False, problem)
+    if not complete:
+        return Auth(False, unchecked="the mail is too large to check its DKIM signature")
     failed: list[str] = []
 
     def lookup(name: bytes, timeout: int = 5) -> bytes | None:

@@ -74,10 +74,10 @@ class EmailInbound:
     def _key(self, name: str) -> str:
         return f"{self.deps.keys.ns}:email:{name}"
 
-    async def handle(self, raw: bytes) -> Handled:
+    async def handle(self, raw: bytes, size: int = 0) -> Handled:
         """Turn one mail into its effects; safe to call again for the same mail (keyed by Message-ID). "deferred"
         means it could not be checked now (DNS): nothing was done, and it should be handed over again later."""
-        mail = await asyncio.to_thread(parse, raw, self.settings.address)  # MIME work is CPU-bound on big mail
+        mail = await asyncio.to_thread(parse, raw, self.settings.address, size)  # MIME work is CPU-bound on big mail
         done_key = self._key(f"done:{mail.message_id.lower()}")
         if await self.deps.redis.exists(done_key):
             return Handled("duplicate", mail.message_id)
@@ -124,7 +124,7 @@ class EmailInbound:
         s = self.settings
         return await asyncio.to_thread(
             authenticate, mail.raw, mail.sender, dns_lookup=self.dns, required_domains=s.dkim_domains,
-            trusted=s.trusted_authserv_ids,
+            trusted=s.trusted_authserv_ids, complete=not mail.truncated,
         )  # fmt: skip
 
     async def _count(self, name: str, limit: int) -> bool:
@@ -276,10 +276,10 @@ class EmailInbound:
         await self.deps.redis.execute_command(*outbox_command(self.deps.keys, msg))
 
 
-async def handle_safely(inbound: EmailInbound, raw: bytes) -> Handled | None:
+async def handle_safely(inbound: EmailInbound, raw: bytes, size: int = 0) -> Handled | None:
     """Handle a mail; a failure is logged and None returned (the watcher retries it on the next sync)."""
     try:
-        return await asyncio.wait_for(inbound.handle(raw), 60)
+        return await asyncio.wait_for(inbound.handle(raw, size), 60)
     except Exception:
         log.exception("email: could not handle a mail (%d bytes); it stays unread and is retried", len(raw))
         return None

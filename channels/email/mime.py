@@ -34,6 +34,7 @@ class Incoming:
     attachments: list[str] = field(default_factory=list)  # "name (type, N bytes)"
     raw: bytes = b""
     notes: list[str] = field(default_factory=list)  # what was cut or could not be read
+    truncated: bool = False  # only the beginning of the mail was read (it was over MAX_MAIL)
 
 
 def _header(msg: Message, name: str) -> str:
@@ -67,12 +68,15 @@ def automatic_reason(msg: Message, sender: str, own: str) -> str:
     return ""
 
 
-def parse(raw: bytes, own_address: str) -> Incoming:
-    """Read a mail, whatever state it is in; never raises. CPU-bound on big mail: call it off the event loop."""
+def parse(raw: bytes, own_address: str, size: int = 0) -> Incoming:
+    """Read a mail, whatever state it is in; never raises. CPU-bound on big mail: call it off the event loop.
+    ``size``: the whole mail's size, when ``raw`` is only its beginning (the server's copy was fetched in part)."""
     notes: list[str] = []
-    if len(raw) > MAX_MAIL:
-        raw = raw[:MAX_MAIL]
-        notes.append(f"the mail was over {MAX_MAIL // 1_000_000} MB; only its beginning was read")
+    truncated = size > len(raw) or len(raw) > MAX_MAIL
+    raw = raw[:MAX_MAIL]
+    if truncated:
+        notes.append(f"the mail was {max(size, len(raw)) / 1e6:.1f} MB; only its first {len(raw) / 1e6:.1f} MB "
+                     "were read")  # fmt: skip
     try:
         msg: Message = email.message_from_bytes(raw, policy=email.policy.default)
         _header(msg, "Subject")
@@ -90,6 +94,7 @@ def parse(raw: bytes, own_address: str) -> Incoming:
         text=text, in_reply_to=(_ids(_header(msg, "In-Reply-To")) or [""])[0],
         references=_ids(_header(msg, "References")), recipients=recipients,
         automatic=automatic_reason(msg, sender, own_address.lower()), attachments=attachments, raw=raw, notes=notes,
+        truncated=truncated,
     )  # fmt: skip
 
 

@@ -40,7 +40,6 @@ MAX_DEFERRALS = 12  # a mail that could not be checked (DNS) this many times, do
 LEASE_MS = 15_000  # how soon a dead watcher's mailbox moves to another process
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_FETCH = f"(UID INTERNALDATE RFC822.SIZE BODY.PEEK[]<0.{MAX_MAIL}>)"  # never more than MAX_MAIL bytes in memory
 
 
 class ImapFailure(Exception):
@@ -59,6 +58,7 @@ class Watcher:
         self.handled = 0
         self.leading = False  # holds the mailbox's lease now
         self.retry_delay = 30.0  # seconds before a deferred mail is tried again (doubling)
+        self.max_bytes = MAX_MAIL  # the most of one mail fetched (held in memory) at all
         self._stop = asyncio.Event()  # set when this watcher must stop handling mail (stop, or the lease lost)
 
     async def _t(self, aw: Any, extra: float = 0.0) -> Any:
@@ -175,11 +175,12 @@ class Watcher:
         for uid in uids[:BATCH]:
             if self._stop.is_set():
                 return  # the lease is gone or we are stopping: the next holder goes on from `last`
-            fetched = self._ok(await self._t(client.uid("fetch", str(uid), _FETCH), 30), "FETCH")
+            what = f"(UID INTERNALDATE RFC822.SIZE BODY.PEEK[]<0.{self.max_bytes}>)"  # a huge mail: its beginning
+            fetched = self._ok(await self._t(client.uid("fetch", str(uid), what), 30), "FETCH")
             mail = next((bytes(x) for x in fetched.lines if isinstance(x, bytearray)), None)
             date = _internaldate(fetched.lines)
             if mail is not None and not (uid <= floor_until and date <= floor):
-                result = await handle_safely(self.inbound, mail)
+                result = await handle_safely(self.inbound, mail, _size(fetched.lines))
                 if result is None:
                     if not await self._give_up(uid, validity, mail):
                         raise ImapFailure(f"mail UID {uid} could not be handled; retrying after reconnect")
@@ -272,6 +273,15 @@ class Watcher:
             if m:
                 return m.group(1)
         return "0"
+
+
+def _size(lines: list[Any]) -> int:
+    """The RFC822.SIZE of a FETCH response (0 when missing)."""
+    for line in lines:
+        m = re.search(r"RFC822\.SIZE (\d+)", _text(line)) if isinstance(line, bytes) else None
+        if m:
+            return int(m.group(1))
+    return 0
 
 
 def _internaldate(lines: list[Any]) -> int:
