@@ -10,7 +10,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bot.agent import Agent, ApprovalPolicy, Outage, Prefetch, StepFn, deterministic
 from bot.errors import ConfigError
@@ -23,6 +23,15 @@ class _Strict(BaseModel):
 
 class ApprovalSpec(_Strict):
     approvers: list[str] = Field(min_length=1)
+
+    @field_validator("approvers")
+    @classmethod
+    def _exact_email_approvers(cls, approvers: list[str]) -> list[str]:
+        # anyone may send mail in any name: "email:*" would let a requester approve their own request by reply
+        for approver in approvers:
+            if approver.lower().startswith("email:") and "*" in approver:
+                raise ValueError(f"{approver!r} is not allowed: email approvers must be exact addresses")
+        return [a.lower() if a.lower().startswith("email:") else a for a in approvers]  # compared lower-case
 
 
 class PrefetchSpec(_Strict):

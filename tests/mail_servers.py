@@ -15,6 +15,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -142,6 +143,51 @@ service anvil {{
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class FakeDns:
+    """A DNS server on a loopback UDP port that answers TXT queries from ``records``; while ``silent`` it answers
+    nothing (what a DNS outage looks like to a resolver: a timeout)."""
+
+    def __init__(self, records: dict[str, str]) -> None:
+        self.records = {k.rstrip(".").lower(): v for k, v in records.items()}
+        self.silent = False
+        self.queries = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rdatatype
+
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except (TimeoutError, OSError):
+                continue
+            self.queries += 1
+            if self.silent:
+                continue
+            query = dns.message.from_wire(data)
+            reply = dns.message.make_response(query)
+            question = query.question[0]
+            text = self.records.get(question.name.to_text().rstrip(".").lower())
+            if text is not None and question.rdtype == dns.rdatatype.TXT:
+                chunks = " ".join(f'"{text[i : i + 200]}"' for i in range(0, len(text), 200))
+                reply.answer.append(dns.rrset.from_text(question.name, 60, "IN", "TXT", chunks))
+            elif text is None:
+                reply.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(reply.to_wire(), peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
 
 
 @dataclass

@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import time
+from dataclasses import dataclass
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -57,10 +60,12 @@ def approval_mail_key(deps: Deps, message_id: str) -> str:
     return f"{deps.keys.ns}:email:amid:{message_id.lower()}"
 
 
-async def remember(deps: Deps, thread_id: str, message_id: str) -> None:
+async def remember(deps: Deps, thread_id: str, message_id: str, *, conversation: bool = True) -> None:
+    """Map a Message-ID to its thread; a mail of the requester's conversation also joins the thread's References
+    (mails to approvers and notices do not: the requester never received them)."""
     pipe = deps.redis.pipeline(transaction=True)
     pipe.set(msgid_key(deps, message_id), thread_id, ex=links.TOKEN_TTL)
-    if not thread_id.startswith(NOTICE_PREFIX):  # no later mail follows a notice: a list would never expire (S14)
+    if conversation and not thread_id.startswith(NOTICE_PREFIX):  # a notice's list would never expire (S14)
         pipe.rpush(refs_key(deps, thread_id), message_id)
         pipe.ltrim(refs_key(deps, thread_id), -REFS_KEPT, -1)
     await pipe.execute()
@@ -71,6 +76,11 @@ def _subject(subject: str) -> str:
     return subject if subject.lower().startswith("re:") else f"Re: {subject}"
 
 
+def _approval_subject(tool: str, subject: str) -> str:
+    about = re.sub(r"(?i)^(re:\s*)+", "", subject).strip()
+    return f"Approval request: {tool}" + (f" ({about})" if about else "")
+
+
 def _approval_text(settings: EmailSettings, msg: Outbound, approver: str) -> str:
     assert msg.approval is not None
     args = "\n".join(f"    {k}: {json.dumps(v, ensure_ascii=False)}" for k, v in msg.approval["args"].items())
@@ -78,8 +88,6 @@ def _approval_text(settings: EmailSettings, msg: Outbound, approver: str) -> str
     text = f"Approval needed to run {msg.approval['tool']} with:\n{args}\n{reason}\n"
     text += 'To decide, reply with "approve" or "reject: <reason>" on the first line.\n'
     if approver:
-        import time
-
         expires = int(time.time()) + settings.link_ttl
         yes = links.url(settings, links.Link(msg.approval["id"], approver, True, expires))
         no = links.url(settings, links.Link(msg.approval["id"], approver, False, expires))
@@ -87,8 +95,23 @@ def _approval_text(settings: EmailSettings, msg: Outbound, approver: str) -> str
     return text
 
 
-async def build(deps: Deps, settings: EmailSettings, msg: Outbound) -> list[EmailMessage]:
-    """The mails one outbox message becomes (an approval request: one per email approver, each with own links)."""
+def _waiting_text(msg: Outbound) -> str:
+    assert msg.approval is not None
+    # the approvers are not named: the requester may be a customer, and approver addresses are internal
+    return (f"Your request is waiting for approval: {msg.approval['tool']} needs a person's decision. "
+            "You will hear from me once it is decided.")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Mail:
+    message: EmailMessage
+    conversation: bool  # part of the requester's conversation (joins the thread's References)
+    approval: bool = False  # an approval request to an approver
+
+
+async def build(deps: Deps, settings: EmailSettings, msg: Outbound) -> list[Mail]:
+    """The mails one outbox message becomes. An approval request: one per email approver (each with its own
+    links, a fresh conversation with that approver) and a "waiting for approval" note to the requester."""
     extra = msg.ref.model_extra or {}
     refs = [r.decode() for r in await deps.redis.lrange(refs_key(deps, msg.thread_id), 0, -1)]
     in_reply_to = str(extra.get("message_id") or "")
@@ -96,26 +119,30 @@ async def build(deps: Deps, settings: EmailSettings, msg: Outbound) -> list[Emai
     if last_in is not None:
         in_reply_to = last_in.decode()
     subject = _subject(str(extra.get("subject") or ""))
-    if extra.get("notice"):  # a note about one mail (why it was not a decision): threaded to that mail only
+    notice = bool(extra.get("notice"))
+    if notice:  # a note about one mail (why it was not a decision, or that it was): threaded to that mail only
         in_reply_to, refs, reply_to = str(extra.get("message_id") or ""), [], settings.address
     else:
         reply_to = settings.plus(await links.thread_token(deps, settings, msg.thread_id))
-    targets: list[tuple[str, str]] = [(msg.ref.address, "")]  # (address, approver identity for links)
+
+    def mail(i: str, to: str, text: str, **over: str) -> EmailMessage:
+        fields = {"subject": subject, "reply_to": reply_to, "in_reply_to": in_reply_to} | over
+        return compose(
+            sender=settings.address, to=[to], text=text, message_id=f"<{msg.id}.{i}.{msg.thread_id}@{settings.domain}>",
+            references=[*refs[-REFS_KEPT:]] if refs and fields["in_reply_to"] else None, **fields,
+        )  # fmt: skip
+
     if msg.kind == "approval_request" and msg.approval:
-        reply_to = settings.plus(await links.approval_token(deps, settings, msg.approval["id"]))
+        token = settings.plus(await links.approval_token(deps, settings, msg.approval["id"]))
         approvers = [a for a in msg.approval.get("approvers", []) if a.startswith(f"{KIND}:") and "*" not in a]
-        targets = [(a.split(":", 1)[1], a) for a in approvers] or targets
-    mails = []
-    for i, (address, approver) in enumerate(targets):
-        text = _approval_text(settings, msg, approver) if msg.kind == "approval_request" and msg.approval else msg.text
-        if msg.kind == "error":
-            text = f"Something went wrong: {text}"
-        mails.append(compose(
-            sender=settings.address, to=[address], subject=subject, text=text,
-            message_id=f"<{msg.id}.{i}.{msg.thread_id}@{settings.domain}>", reply_to=reply_to,
-            in_reply_to=in_reply_to, references=[*refs[-REFS_KEPT:]] if refs else None,
-        ))  # fmt: skip
-    return mails
+        out = [Mail(mail(str(i), a.split(":", 1)[1], _approval_text(settings, msg, a), reply_to=token, in_reply_to="",
+                         subject=_approval_subject(msg.approval["tool"], str(extra.get("subject") or ""))),
+                    conversation=False, approval=True) for i, a in enumerate(approvers)]  # fmt: skip
+        if msg.ref.address.lower() not in [a.split(":", 1)[1].lower() for a in approvers]:
+            out.append(Mail(mail("w", msg.ref.address, _waiting_text(msg)), conversation=True))
+        return out
+    text = f"Something went wrong: {msg.text}" if msg.kind == "error" else msg.text
+    return [Mail(mail("0", msg.ref.address, text), conversation=not notice)]
 
 
 def refused_for_good(exc: Exception) -> bool:
@@ -135,9 +162,10 @@ def sender(deps: Deps, settings: EmailSettings) -> Deliver:
         if msg.ref.kind != KIND or not msg.ref.address:
             return None
         mails = await build(deps, settings, msg)
-        for mail in mails:
-            await remember(deps, msg.thread_id, str(mail["Message-ID"]))
-            if msg.kind == "approval_request":
+        for out in mails:
+            mail = out.message
+            await remember(deps, msg.thread_id, str(mail["Message-ID"]), conversation=out.conversation)
+            if out.approval:
                 await deps.redis.set(approval_mail_key(deps, str(mail["Message-ID"])), 1, ex=links.TOKEN_TTL)
             try:
                 await aiosmtplib.send(
@@ -153,7 +181,7 @@ def sender(deps: Deps, settings: EmailSettings) -> Deliver:
                 raise DeliveryFailed(why) from None
         if msg.thread_id.startswith(NOTICE_PREFIX):
             return None  # nothing ever updates a notice, and its receipt would be a key that never expires (S14)
-        return Receipt(channel_id=str(mails[0]["Message-ID"]))
+        return Receipt(channel_id=str(mails[0].message["Message-ID"])) if mails else None
 
     return deliver
 

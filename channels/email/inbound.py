@@ -2,21 +2,19 @@
 forgeries, floods) nothing but a log line.
 
 A decision by mail counts only if all hold: the reply carries the approval's plus token, the sender is one of its
-approvers (``email:<address>``), and — for domains that sign their mail, or that EMAIL_DKIM_DOMAINS names — a DKIM
-signature verifies and its domain aligns with the From domain.
+approvers (``email:<address>``), and the mail is authenticated (channels.email.auth: an aligned DKIM signature or a
+trusted MTA's dmarc=pass) unless EMAIL_UNAUTHENTICATED_DECISIONS opts out. Every decision by reply is answered:
+taken, already decided, or why not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import dkim
 
 from bot import approvals, control
 from bot.agent import ApprovalPolicy
@@ -25,13 +23,15 @@ from bot.events import ChannelRef, new_id
 from bot.outbox import Outbound, outbox_command
 from bot.runtime import Deps
 from channels.email import links
+from channels.email.auth import Auth, DnsFunc, TemporaryAuthFailure, authenticate, resolver
 from channels.email.delivery import KIND, NOTICE_PREFIX, approval_mail_key, last_in_key, msgid_key, remember
 from channels.email.mime import Incoming, parse
 from channels.email.settings import EmailSettings
 
 log = logging.getLogger(__name__)
 
-DnsFunc = Callable[..., Any]  # dkimpy's TXT lookup: (name: bytes, timeout: int) -> bytes | None
+__all__ = ["DnsFunc", "EmailInbound", "Handled", "handle_safely", "thread_id_for", "verdict"]
+
 _APPROVE = re.compile(r"^\s*(approve|approved)\b[\s.!]*$", re.I)
 _REJECT = re.compile(r"^\s*(reject|rejected|deny|denied)\b\s*[:\-]?\s*(?P<reason>.*)$", re.I)
 SEEN_TTL = 30 * 24 * 3600
@@ -39,6 +39,12 @@ SEEN_TTL = 30 * 24 * 3600
 
 def identity(address: str) -> str:
     return f"{KIND}:{address.lower()}"
+
+
+def thread_id_for(message_id: str) -> str:
+    """The thread a new conversation's first mail starts: derived from its Message-ID, so handling the mail again
+    (after a crash, or in a second watcher) publishes the same launch, which the bus drops as a repeat."""
+    return "email-" + hashlib.sha256(message_id.lower().encode()).hexdigest()[:24]
 
 
 def verdict(text: str) -> tuple[bool, str] | None:
@@ -54,81 +60,94 @@ def verdict(text: str) -> tuple[bool, str] | None:
 class Handled:
     """What became of a mail (for logs and tests)."""
 
-    action: str  # launched | sent | answered | decided | refused | ignored | duplicate
+    action: str  # launched | sent | answered | decided | refused | ignored | duplicate | deferred
     detail: str = ""
     thread_id: str = ""
 
 
 class EmailInbound:
     def __init__(self, deps: Deps, settings: EmailSettings, dns: DnsFunc | None = None) -> None:
-        self.deps, self.settings, self.dns = deps, settings, dns
+        self.deps, self.settings = deps, settings
+        self.dns = dns or resolver(settings.dkim_resolver, settings.dns_timeout)
 
     def _key(self, name: str) -> str:
         return f"{self.deps.keys.ns}:email:{name}"
 
-    async def handle(self, raw: bytes) -> Handled:
-        """Turn one mail into its effects; safe to call again for the same mail (keyed by Message-ID)."""
-        mail = parse(raw, self.settings.address)
+    async def handle(self, raw: bytes, size: int = 0) -> Handled:
+        """Turn one mail into its effects; safe to call again for the same mail (keyed by Message-ID). "deferred"
+        means it could not be checked now (DNS): nothing was done, and it should be handed over again later."""
+        mail = await asyncio.to_thread(parse, raw, self.settings.address, size)  # MIME work is CPU-bound on big mail
         done_key = self._key(f"done:{mail.message_id.lower()}")
         if await self.deps.redis.exists(done_key):
             return Handled("duplicate", mail.message_id)
-        result = await self._handle(mail)
-        await self.deps.redis.set(done_key, result.action, ex=SEEN_TTL)
+        try:
+            result = await self._handle(mail)
+        except TemporaryAuthFailure as exc:
+            log.warning("email: %s from %s: deferred (%s)", mail.message_id, mail.sender or "?", exc)
+            return Handled("deferred", str(exc))
+        await self._mark_done(done_key, result)
         log.info("email: %s from %s: %s %s", mail.message_id, mail.sender or "?", result.action, result.detail)
         return result
+
+    async def _mark_done(self, done_key: str, result: Handled) -> None:
+        await self.deps.redis.set(done_key, result.action, ex=SEEN_TTL)
 
     async def _handle(self, mail: Incoming) -> Handled:
         if mail.automatic:
             return Handled("ignored", f"automatic mail ({mail.automatic})")
         if not mail.sender or "@" not in mail.sender:
             return Handled("ignored", "no readable From address")
-        if not await self._within_rate(mail.sender):
-            return Handled("ignored", f"rate limit for {mail.sender}")
-        dkim_problem = self._dkim_problem(mail)
+        auth = await self._authenticate(mail)
         tokens = self._tokens(mail)
         for token in tokens:
             target = await links.resolve(self.deps, token)
             if target is not None and target[0] == "approval":
-                return await self._decide(mail, target[1], dkim_problem)
+                return await self._decide(mail, target[1], auth)
         if verdict(mail.text) is not None:
             if tokens and not any([await links.resolve(self.deps, t) for t in tokens]):
-                return await self._refuse(mail, "the reply's token is not valid", forged=bool(dkim_problem))
+                return await self._refuse(mail, "the reply's token is not valid", auth=auth)
             if await self._answers_approval_mail(mail):
                 why = "the reply does not carry this request's token (reply to the approval mail itself)"
-                return await self._refuse(mail, why, forged=bool(dkim_problem))
-        if dkim_problem:
-            return Handled("ignored", f"looks forged: {dkim_problem}")
+                return await self._refuse(mail, why, auth=auth)
+        if auth.problem:
+            return Handled("ignored", f"looks forged: {auth.problem}")
+        over = await self._over_budget(mail, auth)
+        if over:
+            return Handled("ignored", over)
         thread_id = await self._thread_of(mail, tokens)
         return await self._converse(mail, thread_id)
 
     # -- checks
 
-    async def _within_rate(self, sender: str) -> bool:
-        key = self._key(f"rate:{sender}:{int(time.time() // 3600)}")
+    async def _authenticate(self, mail: Incoming) -> Auth:
+        s = self.settings
+        return await asyncio.to_thread(
+            authenticate, mail.raw, mail.sender, dns_lookup=self.dns, required_domains=s.dkim_domains,
+            trusted=s.trusted_authserv_ids, complete=not mail.truncated,
+        )  # fmt: skip
+
+    async def _count(self, name: str, limit: int) -> bool:
+        """Count one more in this hour's ``name``; whether it is still within ``limit``."""
+        key = self._key(f"rate:{name}:{int(time.time() // 3600)}")
         pipe = self.deps.redis.pipeline(transaction=True)
         pipe.incr(key)
         pipe.expire(key, 3700)
         count, _ = await pipe.execute()
-        return int(count) <= self.settings.rate_per_hour
+        return int(count) <= limit
 
-    def _dkim_problem(self, mail: Incoming) -> str:
-        """Why the mail's DKIM does not vouch for its From domain ("" when it does or none is expected)."""
+    async def _over_budget(self, mail: Incoming, auth: Auth) -> str:
+        """Why the bot must not act on (and answer) this mail now ("" when it may). Only authenticated mail counts
+        against its sender: forged mail in bob's name never uses up bob's budget. Unauthenticated mail, which any
+        sender can forge, has caps per domain and for all senders together (the bot answers from our domain)."""
+        s = self.settings
+        if auth.verified:
+            ok = await self._count(f"from:{mail.sender}", s.rate_per_hour)
+            return "" if ok else f"rate limit for {mail.sender} ({s.rate_per_hour} an hour)"
         domain = mail.sender.rsplit("@", 1)[-1]
-        signed = b"\ndkim-signature:" in b"\n" + mail.raw.lower().split(b"\r\n\r\n", 1)[0].replace(b"\r\n", b"\n")
-        if not signed and domain not in self.settings.dkim_domains:
-            return ""
-        if not signed:
-            return f"{domain} signs its mail, but this one has no DKIM signature"
-        try:
-            checker = dkim.DKIM(mail.raw)
-            ok = checker.verify(dnsfunc=self.dns) if self.dns else checker.verify()
-        except Exception as exc:  # dkimpy raises on malformed signatures
-            return f"DKIM signature unreadable ({type(exc).__name__})"
-        if not ok:
-            return "DKIM signature does not verify"
-        signer = (checker.domain or b"").decode().lower()
-        if not (domain == signer or domain.endswith("." + signer)):
-            return f"DKIM signer {signer} does not align with From domain {domain}"
+        if not await self._count(f"unauth-domain:{domain}", s.unauthenticated_domain_per_hour):
+            return f"unauthenticated mail from {domain} over {s.unauthenticated_domain_per_hour} an hour"
+        if not await self._count("unauth", s.unauthenticated_per_hour):
+            return f"unauthenticated mail over {s.unauthenticated_per_hour} an hour"
         return ""
 
     def _tokens(self, mail: Incoming) -> list[str]:
@@ -182,7 +201,7 @@ class EmailInbound:
             ours = next((a for a in mail.recipients if a.endswith("@" + self.settings.domain)), self.settings.address)
             to_address = re.sub(r"\+[^@]*@", "@", ours)
             agent = deps.agents.route(KIND, to_address)
-            tid = f"email-{new_id()}"
+            tid = thread_id_for(mail.message_id)
             await self._record_inbound(tid, mail)
             await control.launch(deps, agent, self._text(mail), self._ref(mail, to_address), thread_id=tid, key=key)
             return Handled("launched", agent, tid)
@@ -194,45 +213,66 @@ class EmailInbound:
         await remember(self.deps, thread_id, mail.message_id)
         await self.deps.redis.set(last_in_key(self.deps, thread_id), mail.message_id, ex=links.TOKEN_TTL)
 
-    async def _decide(self, mail: Incoming, approval_id: str, dkim_problem: str) -> Handled:
-        if dkim_problem:
-            return Handled("ignored", f"decision refused, looks forged: {dkim_problem}")
+    async def _decide(self, mail: Incoming, approval_id: str, auth: Auth) -> Handled:
+        """A reply to an approval request: always answered (taken, already decided, or why not), except when it is
+        not authenticated and its sender is not an approver (then it is someone else's forgery: a log line)."""
         try:
             record = await approvals.get(self.deps.redis, self.deps.keys, approval_id)
         except HandrailError:
-            return await self._refuse(mail, "this approval no longer exists")
+            return await self._refuse(mail, "this approval no longer exists", auth=auth)
+        if record.state != "pending":  # a settled record keeps no approver list: say who decided, and when
+            settled = approvals.Outcome("decided", record.state, record.by, record.at)
+            return await self._refuse(mail, settled.message, record.thread_id, auth=auth)
         who = identity(mail.sender)
         if not ApprovalPolicy(record.approvers).allows(who):
-            return await self._refuse(mail, f"{mail.sender} is not one of this request's approvers", record.thread_id)
+            why = f"{mail.sender} is not one of this request's approvers"
+            return await self._refuse(mail, why, record.thread_id, auth=auth)
+        if auth.problem or not (auth.verified or self.settings.unauthenticated_decisions):
+            domain = mail.sender.rsplit("@", 1)[-1]
+            return await self._refuse(mail, auth.why_not(domain), record.thread_id, auth=auth, approver=True)
         said = verdict(mail.text)
         if said is None:
-            return await self._refuse(
-                mail, 'the first line of your reply must be "approve" or "reject: <reason>"', record.thread_id
-            )
+            why = 'the first line of your reply must be "approve" or "reject: <reason>"'
+            return await self._refuse(mail, why, record.thread_id, auth=auth, approver=True)
         approved, reason = said
         outcome = await control.decide(self.deps, approval_id, by=who, approved=approved, feedback=reason)
         if outcome.result != "ok":
-            return await self._refuse(mail, outcome.message, record.thread_id)
-        await self._record_inbound(record.thread_id, mail)
+            return await self._refuse(mail, outcome.message, record.thread_id, auth=auth, approver=True)
+        # the reply joins the thread's lookup (a further reply finds it), not the requester's References
+        await self.deps.redis.set(msgid_key(self.deps, mail.message_id), record.thread_id, ex=links.TOKEN_TTL)
+        shown = [f"{k}={str(v)[:100]}" for k, v in list(record.args.items())[:5]]
+        what = f"{record.tool} ({', '.join(shown)}{', …' if len(record.args) > 5 else ''})"
+        text = f"Recorded: {outcome.state} {what}, by {who}." + (f"\nReason: {reason}" if reason else "")
+        await self._notify(mail, text, record.thread_id)
         return Handled("decided", outcome.state, record.thread_id)
 
-    async def _refuse(self, mail: Incoming, why: str, thread_id: str = "", *, forged: bool = False) -> Handled:
-        """No decision; a short answer to the sender (only a log line when the sender may be forged)."""
-        if forged:
-            return Handled("ignored", f"no decision ({why}); not answered: looks forged")
-        msg = Outbound(
-            id=new_id(), thread_id=thread_id or f"{NOTICE_PREFIX}{new_id()}", ref=self._ref(mail, notice=True),
-            kind="text",
-            text=f"Your reply was not taken as a decision: {why}.",
-        )  # fmt: skip
-        await self.deps.redis.execute_command(*outbox_command(self.deps.keys, msg))
+    async def _refuse(self, mail: Incoming, why: str, thread_id: str = "", *, auth: Auth,
+                      approver: bool = False) -> Handled:  # fmt: skip
+        """No decision; a short answer to the sender. An unauthenticated sender is answered only when it is an
+        approver of the request (so the answer goes to a known address, never to any forged one) and within
+        the caps for unauthenticated mail."""
+        if not auth.verified:
+            if not approver:
+                return Handled("ignored", f"no decision ({why}); not answered: not authenticated")
+            over = await self._over_budget(mail, auth)
+            if over:
+                return Handled("ignored", f"no decision ({why}); not answered: {over}")
+        await self._notify(mail, f"Your reply was not taken as a decision: {why}.", thread_id)
         return Handled("refused", why, thread_id)
 
+    async def _notify(self, mail: Incoming, text: str, thread_id: str = "") -> None:
+        """A short mail to the sender, threaded to their mail only."""
+        msg = Outbound(
+            id=new_id(), thread_id=thread_id or f"{NOTICE_PREFIX}{new_id()}", ref=self._ref(mail, notice=True),
+            kind="text", text=text,
+        )  # fmt: skip
+        await self.deps.redis.execute_command(*outbox_command(self.deps.keys, msg))
 
-async def handle_safely(inbound: EmailInbound, raw: bytes) -> Handled | None:
+
+async def handle_safely(inbound: EmailInbound, raw: bytes, size: int = 0) -> Handled | None:
     """Handle a mail; a failure is logged and None returned (the watcher retries it on the next sync)."""
     try:
-        return await asyncio.wait_for(inbound.handle(raw), 60)
+        return await asyncio.wait_for(inbound.handle(raw, size), 60)
     except Exception:
         log.exception("email: could not handle a mail (%d bytes); it stays unread and is retried", len(raw))
         return None

@@ -95,12 +95,23 @@ def url(settings: EmailSettings, link: Link) -> str:
     return f"{settings.public_url}/email/decide?t={sign(settings, link)}"
 
 
+# The page runs no script, loads nothing, may not be framed (clickjacking a one-click decision) and posts only to
+# itself; the token in its URL must not leak through Referer or caches.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<meta name='robots' content='noindex'></head><body><h1>{html.escape(title)}</h1>{body}</body></html>",
-        status_code=status,
-    )
+        status_code=status, headers=SECURITY_HEADERS,
+    )  # fmt: skip
 
 
 def router(deps: Deps, settings: EmailSettings) -> APIRouter:
@@ -130,7 +141,7 @@ def router(deps: Deps, settings: EmailSettings) -> APIRouter:
     @api.post("/email/decide", include_in_schema=False)
     async def decide(request: Request) -> HTMLResponse:
         form = parse_qs((await request.body()).decode(errors="replace"))
-        t = (form.get("t") or [request.query_params.get("t", "")])[0]
+        t = (form.get("t") or [""])[0]  # the form body only: a scanner posting to the mailed URL decides nothing
         link = verify(settings, t)
         if isinstance(link, str):
             return _page("Refused", f"<p>{html.escape(link)}</p>", 400)
@@ -138,9 +149,14 @@ def router(deps: Deps, settings: EmailSettings) -> APIRouter:
         if not await deps.redis.set(used, "1", nx=True, ex=max(60, link.expires - int(time.time()) + 60)):
             return _page("Already decided", "<p>This link was already used.</p>", 409)
         reason = (form.get("reason") or [""])[0][:2000]
-        outcome = await control.decide(deps, link.approval_id, by=link.approver, approved=link.approve, feedback=reason)
+        try:
+            outcome = await control.decide(deps, link.approval_id, by=link.approver, approved=link.approve,
+                                           feedback=reason)  # fmt: skip
+        except Exception:
+            await deps.redis.delete(used)  # no decision was made: the link still works
+            raise
         if outcome.result == "decided":
-            return _page("Already decided", f"<p>Already {html.escape(outcome.message)}.</p>", 409)
+            return _page("Already decided", f"<p>{html.escape(outcome.message.capitalize())}.</p>", 409)
         if outcome.result != "ok":
             return _page("Refused", f"<p>{html.escape(outcome.message)}.</p>", 403)
         log.info("email: approval %s %s by %s (link)", link.approval_id, outcome.state, link.approver)

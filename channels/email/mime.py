@@ -8,13 +8,14 @@ import hashlib
 import html
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import EmailMessage, Message
-from email.utils import formataddr, getaddresses, parseaddr
+from email.utils import format_datetime, formataddr, getaddresses, parseaddr
 
 from mailparser_reply import EmailReplyParser
 
 MAX_TEXT = 20_000  # characters of a body the agent sees
-MAX_PARSE = 2_000_000  # bytes of a mail parsed at all; the rest is cut (a note says so)
+MAX_MAIL = 25_000_000  # bytes of a mail fetched and parsed at all (common servers' limit); the rest is cut
 _LANGUAGES = ["en", "de", "fr", "es", "it", "nl"]
 
 
@@ -33,6 +34,7 @@ class Incoming:
     attachments: list[str] = field(default_factory=list)  # "name (type, N bytes)"
     raw: bytes = b""
     notes: list[str] = field(default_factory=list)  # what was cut or could not be read
+    truncated: bool = False  # only the beginning of the mail was read (it was over MAX_MAIL)
 
 
 def _header(msg: Message, name: str) -> str:
@@ -66,12 +68,15 @@ def automatic_reason(msg: Message, sender: str, own: str) -> str:
     return ""
 
 
-def parse(raw: bytes, own_address: str) -> Incoming:
-    """Read a mail, whatever state it is in; never raises."""
+def parse(raw: bytes, own_address: str, size: int = 0) -> Incoming:
+    """Read a mail, whatever state it is in; never raises. CPU-bound on big mail: call it off the event loop.
+    ``size``: the whole mail's size, when ``raw`` is only its beginning (the server's copy was fetched in part)."""
     notes: list[str] = []
-    if len(raw) > MAX_PARSE:
-        raw = raw[:MAX_PARSE]
-        notes.append(f"the mail was over {MAX_PARSE // 1_000_000} MB; only its beginning was read")
+    truncated = size > len(raw) or len(raw) > MAX_MAIL
+    raw = raw[:MAX_MAIL]
+    if truncated:
+        notes.append(f"the mail was {max(size, len(raw)) / 1e6:.1f} MB; only its first {len(raw) / 1e6:.1f} MB "
+                     "were read")  # fmt: skip
     try:
         msg: Message = email.message_from_bytes(raw, policy=email.policy.default)
         _header(msg, "Subject")
@@ -89,6 +94,7 @@ def parse(raw: bytes, own_address: str) -> Incoming:
         text=text, in_reply_to=(_ids(_header(msg, "In-Reply-To")) or [""])[0],
         references=_ids(_header(msg, "References")), recipients=recipients,
         automatic=automatic_reason(msg, sender, own_address.lower()), attachments=attachments, raw=raw, notes=notes,
+        truncated=truncated,
     )  # fmt: skip
 
 
@@ -130,8 +136,8 @@ def _body(msg: Message, notes: list[str]) -> tuple[str, list[str]]:
             plain.append(_decode(part, notes))
         elif ctype == "text/html":
             htmls.append(_decode(part, notes))
-    body = "\n".join(plain) if plain else "\n".join(html_to_text(h) for h in htmls)
-    text = reply_text(body)
+    body = "\n".join(plain) if plain else "\n".join(html_to_text(h[: MAX_TEXT * 20]) for h in htmls)
+    text = reply_text(body[: MAX_TEXT * 5])  # the reply parser's regexes need not see what would be cut anyway
     if len(text) > MAX_TEXT:
         text = text[:MAX_TEXT]
         notes.append(f"the text was cut at {MAX_TEXT} characters")
@@ -167,6 +173,7 @@ def compose(
     msg["To"] = ", ".join(to)
     msg["Subject"] = subject
     msg["Message-ID"] = message_id
+    msg["Date"] = format_datetime(datetime.now(UTC))  # RFC 5322 requires it
     if in_reply_to:
         msg["In-Reply-To"] = in_reply_to
     if references:

@@ -33,7 +33,13 @@ class EmailSettings:
     dkim_domains: frozenset[str] = frozenset()  # sender domains whose mail must carry a valid, aligned DKIM signature
     poll_seconds: float = 30.0  # without IDLE; also the longest IDLE before it is renewed
     timeout: float = 30.0  # every IMAP/SMTP wait
-    rate_per_hour: int = 30  # mails from one sender acted on per hour
+    rate_per_hour: int = 30  # authenticated mails from one sender acted on per hour (decisions do not count)
+    unauthenticated_per_hour: int = 100  # unauthenticated mails the bot answers per hour, all senders together
+    unauthenticated_domain_per_hour: int = 20  # ... and per sender domain
+    unauthenticated_decisions: bool = False  # opt-out: take decisions by reply without DKIM/DMARC (unsafe)
+    trusted_authserv_ids: frozenset[str] = frozenset()  # MTAs whose Authentication-Results dmarc=pass is believed
+    dkim_resolver: str = ""  # "host" or "host:port" of the DNS server for DKIM keys ("" = the system's)
+    dns_timeout: float = 5.0  # seconds a DKIM key lookup may take before the mail is tried again later
     link_ttl: int = 3 * 24 * 3600  # seconds a decision link works
 
     @property
@@ -77,9 +83,19 @@ class EmailSettings:
             smtp_port=int(number("SMTP_PORT", "587")), smtp_user=env.get("SMTP_USER", ""),
             smtp_password=env.get("SMTP_PASSWORD", ""),
             smtp_starttls=(env.get("SMTP_STARTTLS") or "true").lower() in _TRUE,
-            dkim_domains=frozenset(d.strip().lower() for d in env.get("EMAIL_DKIM_DOMAINS", "").split(",")
-                                   if d.strip()),
+            dkim_domains=_names(env.get("EMAIL_DKIM_DOMAINS", "")),
             poll_seconds=number("EMAIL_POLL_SECONDS", "30"), timeout=number("EMAIL_TIMEOUT", "30"),
             rate_per_hour=int(number("EMAIL_RATE_PER_HOUR", "30")),
+            unauthenticated_per_hour=int(number("EMAIL_UNAUTHENTICATED_PER_HOUR", "100")),
+            unauthenticated_domain_per_hour=int(number("EMAIL_UNAUTHENTICATED_DOMAIN_PER_HOUR", "20")),
+            unauthenticated_decisions=(env.get("EMAIL_UNAUTHENTICATED_DECISIONS") or "").lower() in _TRUE,
+            trusted_authserv_ids=_names(env.get("EMAIL_TRUSTED_AUTHSERV_IDS", "")),
+            dkim_resolver=env.get("EMAIL_DKIM_RESOLVER", "").strip(),
+            dns_timeout=number("EMAIL_DNS_TIMEOUT", "5"),
             link_ttl=int(number("EMAIL_LINK_TTL", str(3 * 24 * 3600))),
         )  # fmt: skip
+
+
+def _names(raw: str) -> frozenset[str]:
+    """A comma-separated list of domains or server names, lower case."""
+    return frozenset(d.strip().lower() for d in raw.split(",") if d.strip())
