@@ -119,6 +119,13 @@ async def load(redis: aioredis.Redis, keys: Keys, thread_id: str) -> Thread:
     return Thread(thread_id, [codec.decode(f[b"e"], thread_id) for _, f in rows], last)
 
 
+async def agent_of(redis: aioredis.Redis, keys: Keys, thread_id: str) -> str | None:
+    """The agent a thread was launched for, from its first event alone; None for a thread with no log."""
+    rows = await redis.xrange(keys.log(thread_id), count=1)
+    first = codec.decode(rows[0][1][b"e"], thread_id) if rows else None
+    return first.agent if isinstance(first, ThreadLaunched) else None
+
+
 async def get(redis: aioredis.Redis, keys: Keys, thread_id: str) -> Thread:
     thread = await load(redis, keys, thread_id)
     if not thread.events:

@@ -220,3 +220,20 @@ async def test_approvals_and_threads_page_through_the_whole_index(api: httpx.Asy
     assert [t for p in pages for t in _ids(p)] == (waiting + done)[::-1]
     bad = await api.get("/api/v1/threads", params={"cursor": "garbage"}, headers=auth("reader"))
     assert bad.status_code == 422  # not of the cursor's form (the schema says which)
+
+
+async def test_a_key_sees_only_approvals_of_its_agents(api: httpx.AsyncClient, deps: Deps) -> None:
+    ours = await api.post("/api/v1/threads", json={"agent": "refund-desk", "message": "refund A100"},
+                          headers=auth("ops"))  # fmt: skip
+    theirs = await api.post("/api/v1/threads", json={"agent": "slack-desk", "message": "refund A101"},
+                            headers=auth("ops"))  # fmt: skip
+    for r in (ours, theirs):
+        await wait_for(deps, r.json()["thread_id"], status_is(Status.WAITING_APPROVAL))
+    everything = (await api.get("/api/v1/approvals", headers=auth("ops"))).json()["items"]
+    assert sorted(a["thread_id"] for a in everything) == sorted(r.json()["thread_id"] for r in (ours, theirs))
+    listed = (await api.get("/api/v1/approvals", headers=auth("narrow"))).json()
+    assert [a["thread_id"] for a in listed["items"]] == [ours.json()["thread_id"]] and listed["next"] is None
+    other = next(a["id"] for a in everything if a["thread_id"] == theirs.json()["thread_id"])
+    assert (await api.get(f"/api/v1/approvals/{other}", headers=auth("narrow"))).status_code == 404
+    mine = listed["items"][0]["id"]
+    assert (await api.get(f"/api/v1/approvals/{mine}", headers=auth("narrow"))).json()["state"] == "pending"
