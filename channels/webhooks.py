@@ -285,7 +285,8 @@ def trigger_router(deps: Deps) -> APIRouter:
                 return HookAccepted(thread_id=first, duplicate=True)
         ref = ChannelRef(kind=spec.channel.kind, address=spec.channel.address, user=spec.channel.user or f"hook:{name}")
         text = _message(name, payload)
-        accepted = await control.launch(deps, spec.agent, text, ref, thread_id=thread_id, key=key)
+        accepted = await control.receive(deps, thread_id, text, ref, key=key, agent=spec.agent)
+        assert accepted is not None  # a hook may always start a thread
         return HookAccepted(thread_id=accepted.thread_id, duplicate=accepted.duplicate)
 
     return router
