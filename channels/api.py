@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from bot import approvals, codec, control, jsonbody, threads
 from bot.channel import BaseChannel
@@ -282,6 +282,11 @@ def router(deps: Deps) -> APIRouter:
     Decider = Annotated[Principal, needs("decide")]
     IdemKey = Annotated[str | None, IDEMPOTENCY_KEY]
     api = APIRouter(prefix="/api/v1", tags=["threads"], route_class=_AuthFirst, dependencies=[Security(BEARER)])
+
+    class Launch(LaunchIn):  # the document names the configured agents; the check (a 422 that says which) is ours
+        model_config = ConfigDict(title="LaunchIn")
+        agent: str = Field(json_schema_extra={"enum": list[JsonValue](sorted(deps.agents.agents))})
+
     posted = (400, 401, 403, 413, 422, 503)
 
     def accepted(a: control.Accepted) -> tuple[int, Any]:
@@ -301,7 +306,7 @@ def router(deps: Deps) -> APIRouter:
     @api.post(
         "/threads", status_code=202, response_model=AcceptedOut, responses=_errors(*posted)
     )  # fmt: skip
-    async def launch(body: LaunchIn, request: Request, who: Launcher, idempotency_key: IdemKey = None) -> JSONResponse:
+    async def launch(body: Launch, request: Request, who: Launcher, idempotency_key: IdemKey = None) -> JSONResponse:
         """Launch a thread (or, with a known business_key, send the message into its thread)."""
 
         async def run() -> tuple[int, Any]:
