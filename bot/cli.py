@@ -10,6 +10,7 @@ import getpass
 import json
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import wraps
 from typing import Any, TypeVar
@@ -41,13 +42,17 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def with_deps(
-    *, config: bool = True, check_settings: bool = True
+    *, config: bool = True, check_settings: bool = True, before: Callable[..., None] | None = None
 ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
-    """Run an async command body with the runtime's dependencies opened (and closed) around it."""
+    """Run an async command body with the runtime's dependencies opened (and closed) around it; ``before`` gets
+    the command's options first and may refuse to start (a ClickException) before anything is opened."""
 
     def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         @wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before(**kwargs)
+
             async def main() -> Any:
                 async with open_deps(with_config=config, check_settings=check_settings) as deps:
                     return await fn(deps, *args, **kwargs)
@@ -81,7 +86,23 @@ async def _until_stopped(*runners: Runner) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await asyncio.gather(*(run(stop) for run in runners))
+
+    async def stopping_all_on_failure(run: Runner) -> None:
+        try:
+            await run(stop)
+        except SystemExit as exc:  # uvicorn exits like this when it cannot start; it has logged why
+            stop.set()
+            raise click.ClickException(f"Handrail could not start (exit {exc.code}; the reason is above)") from None
+        except BaseException:
+            stop.set()  # the other parts stop cleanly, so their connections close and the embedded Redis stops
+            raise
+
+    failures = [
+        r for r in await asyncio.gather(*(stopping_all_on_failure(run) for run in runners), return_exceptions=True)
+        if isinstance(r, BaseException)
+    ]  # fmt: skip
+    if failures:
+        raise failures[0]
 
 
 def _workers(deps: Deps, count: int) -> list[Runner]:
@@ -150,6 +171,20 @@ def _email_delivery(deps: Deps) -> Runner:
     return lambda stop: deliver_email(deps, stop)
 
 
+def _port_free(*, host: str, port: int, **_: Any) -> None:
+    """Refuse to start when the web port is taken: checked by binding it (as uvicorn will, with SO_REUSEADDR),
+    before Redis or anything else starts, so a refusal leaves nothing behind."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop what uses it, or choose another "
+                f"port with --port or PORT"
+            ) from None
+
+
 host_option = click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 port_option = click.option("--port", default=8000, show_default=True, envvar="PORT", help="Port to listen on.")
 
@@ -158,7 +193,7 @@ port_option = click.option("--port", default=8000, show_default=True, envvar="PO
 @click.option("--workers", default=1, show_default=True, help="Worker loops in this process.")
 @host_option
 @port_option
-@with_deps()
+@with_deps(before=_port_free)
 async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     """Run everything in one process (embedded Redis when REDIS_URL is unset)."""
     logging.getLogger("bot").setLevel(logging.INFO)
@@ -196,7 +231,7 @@ async def email(deps: Deps) -> None:
 @cli.command()
 @host_option
 @port_option
-@with_deps()
+@with_deps(before=_port_free)
 async def web(deps: Deps, host: str, port: int) -> None:
     """Serve the REST API (/api/v1, docs at /api/v1/docs), inbound webhooks (/hooks), Slack (/slack/events, or
     Socket Mode with SLACK_APP_TOKEN) and /healthz, /readyz."""
