@@ -33,6 +33,9 @@ def _identity(value: str | None) -> str:
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
+    except KeyboardInterrupt:
+        click.echo(err=True)  # end the prompt's line
+        raise SystemExit(130) from None  # stopped as asked: no traceback, no "Aborted!"
     except HandrailError as exc:
         raise click.ClickException(str(exc)) from None
     except RedisConnectionError as exc:

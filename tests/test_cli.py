@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -190,6 +191,53 @@ async def test_chat_shows_the_approval_card_then_the_approval_then_the_reply(
     assert list((await ledger(deps)).values()) == [f"A100:2500:R-{approval_id[-6:]}".encode()]
     groups = [g["name"].decode() for g in await deps.redis.xinfo_groups(deps.keys.outbox("terminal"))]
     assert f"chat:{tid}" not in groups, "the chat session removes its consumer group when it ends"
+
+
+async def test_chat_on_a_thread_waiting_for_approval_shows_its_card_and_takes_the_decision(
+    deps: Deps, env_for: Env, start_worker: Any
+) -> None:
+    env = env_for()
+    await start_worker()
+    tid, approval_id = await pending_refund(deps, env)
+    out = succeeded(await handrail(env, "chat", "--thread", tid, "--as", "terminal:alice", stdin="y\n"))
+    in_order(
+        out,
+        "approval requested for issue_refund",  # the timeline so far
+        "refund-desk wants to run issue_refund:",  # then the card it is waiting on
+        "order_id: A100",
+        "amount_cents: 2500",
+        f"approvers: terminal:alice, api:ops   [approval {approval_id}]",
+        "approve: y    reject: n <reason>",
+        f"Chatting with refund-desk as terminal:alice (thread {tid})",
+        "✔ Approved by terminal:alice",
+        "refund-desk: Refunded $25.00 on order A100",
+    )
+    await wait_for(deps, tid, status_is(Status.DONE))
+
+
+def test_ctrl_c_ends_a_chat_at_once_while_it_waits_for_a_line(env_for: Env) -> None:
+    proc = subprocess.Popen(
+        [python(), "-m", "bot.cli", "chat", "--as", "terminal:alice"], cwd=ROOT, env=env_for(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("Chatting with refund-desk"), "the chat did not start"
+        time.sleep(0.2)  # into the read of the first line
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(10)
+        took = time.monotonic() - interrupted
+        stderr = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert code == 130 and "Traceback" not in stderr and "Aborted" not in stderr, (code, stderr)
+    assert took < 2, f"Ctrl-C took {took:.1f} s to end the chat (stdin is still open: no Enter came)"
 
 
 async def test_chat_rejection_with_a_reason_reaches_the_agent_which_says_so(
