@@ -30,6 +30,25 @@ def _identity(value: str | None) -> str:
     return value or f"terminal:{getpass.getuser()}"
 
 
+def _terminal_identity(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--as`` names a terminal user only: the CLI cannot prove any other identity, so it must not decide in the
+    name of a Slack, email or API user (their decisions' "by" is checked by their channel)."""
+    kind, sep, name = (value or "").partition(":")
+    if value is not None and (kind != "terminal" or not sep or not name):
+        raise click.BadParameter(
+            f"{value!r}: the command line acts only as a terminal user, e.g. terminal:alice; Slack, email and API "
+            "users decide through their own channel"
+        )
+    return value
+
+
+def as_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--as", "identity", metavar="terminal:NAME", callback=_terminal_identity,
+        help=f"{help_text} (default: terminal:$USER).",
+    )  # fmt: skip
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
@@ -74,6 +93,9 @@ def cli(verbose: bool) -> None:
 
     Redis comes from REDIS_URL; without it an embedded Redis keeps its data under .handrail/.
     Agents come from config/handrail.yaml (HANDRAIL_CONFIG).
+
+    Whoever can reach that Redis has full control of Handrail, whatever --as says: these commands act as a
+    terminal user (--as terminal:NAME) and trust the machine's accounts.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -255,7 +277,7 @@ async def scheduler(deps: Deps) -> None:
 @cli.command()
 @click.option("--agent", help="Agent to talk to (default: the route for 'terminal' in the config).")
 @click.option("--thread", "thread_id", help="Continue an existing thread.")
-@click.option("--as", "identity", help="Who you are, for approvals (default: terminal:$USER).")
+@as_option("Who you are, for approvals")
 @with_deps()
 async def chat(deps: Deps, agent: str | None, thread_id: str | None, identity: str | None) -> None:
     """Talk to an agent in the terminal and decide its approvals at the prompt."""
@@ -314,7 +336,7 @@ async def threads_show(deps: Deps, thread_id: str, prompts: bool) -> None:
 @click.argument("message")
 @click.option("--agent", required=True, help="Agent to start.")
 @click.option("--thread", "thread_id", help="Thread id to use (default: a new one).")
-@click.option("--as", "identity", help="Who is asking (default: terminal:$USER).")
+@as_option("Who is asking")
 @with_deps()
 async def threads_launch(deps: Deps, message: str, agent: str, thread_id: str | None, identity: str | None) -> None:
     """Start a thread; follow it with `handrail chat --thread ID`."""
@@ -331,7 +353,7 @@ async def threads_launch(deps: Deps, message: str, agent: str, thread_id: str | 
 def _control_command(name: str, verb: Callable[..., Awaitable[control.Accepted]], help_text: str) -> None:
     @threads_cmd.command(name, help=help_text)
     @click.argument("thread_id")
-    @click.option("--as", "identity", help="Who does it (default: terminal:$USER).")
+    @as_option("Who does it")
     @with_deps()
     async def command(deps: Deps, thread_id: str, identity: str | None) -> None:
         await verb(deps, thread_id, _identity(identity))
@@ -423,7 +445,7 @@ def _report(outcome: approvals.Outcome) -> None:
 
 @approvals_cmd.command("approve")
 @click.argument("approval_id")
-@click.option("--as", "identity", help="Who approves (default: terminal:$USER).")
+@as_option("Who approves")
 @click.option("--args", "edited", help="Approve with these arguments instead (a JSON object).")
 @with_deps()
 async def approvals_approve(deps: Deps, approval_id: str, identity: str | None, edited: str | None) -> None:
@@ -442,7 +464,7 @@ async def approvals_approve(deps: Deps, approval_id: str, identity: str | None, 
 @approvals_cmd.command("reject")
 @click.argument("approval_id")
 @click.option("--reason", required=True, help="What the agent should know (it re-plans with it).")
-@click.option("--as", "identity", help="Who rejects (default: terminal:$USER).")
+@as_option("Who rejects")
 @with_deps()
 async def approvals_reject(deps: Deps, approval_id: str, reason: str, identity: str | None) -> None:
     """Reject a pending tool call, with feedback for the agent."""
