@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot import approvals, control, retention, threads
 from bot.errors import HandrailError
+from bot.redact import redact, redact_url
 from bot.runtime import Deps, open_deps
 from bot.timeline import clock, line
 
@@ -59,7 +60,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(str(exc)) from None
     except RedisConnectionError as exc:
         raise click.ClickException(
-            f"cannot reach Redis ({exc}); check REDIS_URL, or unset it for the embedded one"
+            f"cannot reach Redis ({redact(str(exc))}); check REDIS_URL, or unset it for the embedded one"
         ) from None
 
 
@@ -222,7 +223,8 @@ port_option = click.option("--port", default=8000, show_default=True, envvar="PO
 async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     """Run everything in one process (embedded Redis when REDIS_URL is unset)."""
     logging.getLogger("bot").setLevel(logging.INFO)
-    where = deps.settings.redis_url or f"embedded Redis (data in {deps.settings.data_dir}/)"
+    url = deps.settings.redis_url
+    where = redact_url(url) if url else f"embedded Redis (data in {deps.settings.data_dir}/)"
     click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}, API on http://{host}:{port}/api/v1/docs")
     click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
     await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _scheduler(deps), _retention(deps),
