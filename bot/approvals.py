@@ -170,7 +170,13 @@ async def get(redis: aioredis.Redis, keys: Keys, approval_id: str) -> ApprovalRe
 
 
 async def pending(redis: aioredis.Redis, keys: Keys, limit: int = 100) -> list[ApprovalRecord]:
+    """The oldest ``limit`` approvals waiting for a decision (``control.approvals_page`` pages through all)."""
     ids = [i.decode() for i in await redis.zrange(keys.pending_approvals, 0, limit - 1)]
+    return await records(redis, keys, ids)
+
+
+async def records(redis: aioredis.Redis, keys: Keys, ids: list[str]) -> list[ApprovalRecord]:
+    """The approval records of ``ids``, in that order; ids whose record is gone are left out."""
     pipe = redis.pipeline(transaction=False)
     for i in ids:
         pipe.hgetall(keys.approval(i))

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import click
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from bot import approvals, control, retention, threads
+from bot import approvals, channel, control, retention, threads
+from bot.channel import Runner
 from bot.errors import HandrailError
 from bot.redact import redact, redact_url
 from bot.runtime import Deps, open_deps
@@ -103,7 +104,6 @@ def cli(verbose: bool) -> None:
     )
 
 
-Runner = Callable[[asyncio.Event], Awaitable[None]]
 
 
 async def _until_stopped(*runners: Runner) -> None:
@@ -143,21 +143,8 @@ def _web(deps: Deps, host: str, port: int) -> Runner:
     return lambda stop: web.serve(deps, stop, host, port)
 
 
-def _scheduler(deps: Deps) -> Runner:
-    from channels import schedules
-
-    return lambda stop: schedules.run_scheduler(deps, stop)
-
-
-def _channel_thread_keys() -> tuple[str, ...]:
-    """The per-thread keys the channels keep, so an expired thread takes them along."""
-    from channels.email.delivery import THREAD_KEY_SUFFIXES as email
-
-    return (*email,)
-
-
 def _sweeper(deps: Deps) -> retention.Sweeper:
-    return retention.Sweeper(deps.redis, deps.keys, _channel_thread_keys())
+    return retention.Sweeper(deps.redis, deps.keys, channel.thread_keys())
 
 
 def _retention(deps: Deps) -> Runner:
@@ -165,36 +152,6 @@ def _retention(deps: Deps) -> Runner:
     return lambda stop: retention.run_sweeper(
         _sweeper(deps), stop, retention_days=s.retention_days, every_s=s.retention_sweep_s
     )
-
-
-def _webhooks(deps: Deps) -> Runner:
-    from channels import webhooks
-
-    return lambda stop: webhooks.deliver_all(deps, stop)
-
-
-def _slack(deps: Deps) -> Runner:
-    from channels.slack.delivery import deliver_slack
-
-    return lambda stop: deliver_slack(deps, stop)
-
-
-def _slack_socket(deps: Deps) -> Runner:
-    from channels.slack.socket_mode import run_socket_mode
-
-    return lambda stop: run_socket_mode(deps, stop)
-
-
-def _email(deps: Deps) -> Runner:
-    from channels.email.watcher import run_email
-
-    return lambda stop: run_email(deps, stop)
-
-
-def _email_delivery(deps: Deps) -> Runner:
-    from channels.email.delivery import deliver_email
-
-    return lambda stop: deliver_email(deps, stop)
 
 
 def _port_free(*, host: str, port: int, **_: Any) -> None:
@@ -227,32 +184,48 @@ async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     where = redact_url(url) if url else f"embedded Redis (data in {deps.settings.data_dir}/)"
     click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}, API on http://{host}:{port}/api/v1/docs")
     click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
-    await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _scheduler(deps), _retention(deps),
-                         _webhooks(deps), _slack(deps), _slack_socket(deps), _email(deps),
-                         _email_delivery(deps))  # fmt: skip
+    parts = [r for role in channel.ROLES for r in channel.runners(deps, role)]  # every registered channel, every role
+    await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _retention(deps), *parts)
 
 
 @cli.command()
 @with_deps()
 async def worker(deps: Deps) -> None:
-    """Run one agent worker, delivering webhooks, Slack messages and mail too (start as many as you like)."""
+    """Run one agent worker, delivering every configured channel's messages too (start as many as you like)."""
     logging.getLogger("bot").setLevel(logging.INFO)
-    await _until_stopped(*_workers(deps, 1), _webhooks(deps), _slack(deps), _email_delivery(deps))
+    await _until_stopped(*_workers(deps, 1), *channel.runners(deps, "worker"))
 
 
 @cli.command()
+@click.argument("names", nargs=-1, metavar="[CHANNEL]...")
+@with_deps()
+async def receive(deps: Deps, names: tuple[str, ...]) -> None:
+    """Watch for inbound messages on the named channels (default: every configured one), e.g. the mailbox over
+    IMAP IDLE: each new mail becomes a message, a reply or a decision."""
+    await _receive(deps, names)
+
+
+@cli.command(hidden=True)
 @with_deps()
 async def email(deps: Deps) -> None:
-    """Watch the mailbox (IMAP_* settings): each new mail becomes a message, a reply or a decision."""
-    from channels.email.settings import EmailSettings
+    """Same as 'receive email' (kept for existing Procfiles)."""
+    await _receive(deps, ("email",))
 
-    if EmailSettings.from_env() is None:
-        raise click.ClickException(
-            "email is not configured: set IMAP_HOST, IMAP_USER, IMAP_PASSWORD, SMTP_HOST, "
-            "EMAIL_ADDRESS, HANDRAIL_PUBLIC_URL and HANDRAIL_LINK_SECRET (see README)"
-        )
+
+async def _receive(deps: Deps, names: tuple[str, ...]) -> None:
+    found = channel.registered()
+    for name in names:
+        if name not in found:
+            raise click.ClickException(f"no channel {name!r}; installed: {', '.join(sorted(found))}")
+        missing = found[name].missing()
+        if missing:
+            raise click.ClickException(f"{name} is not configured: {missing}")
+    runners = channel.runners(deps, "receive", names)
+    if not runners:
+        raise click.ClickException("no configured channel receives messages by itself (Slack and the API do, "
+                                   "through 'handrail web'); see README")  # fmt: skip
     logging.getLogger("channels").setLevel(logging.INFO)
-    await _until_stopped(_email(deps))
+    await _until_stopped(*runners)
 
 
 @cli.command()
@@ -263,7 +236,7 @@ async def web(deps: Deps, host: str, port: int) -> None:
     """Serve the REST API (/api/v1, docs at /api/v1/docs), inbound webhooks (/hooks), Slack (/slack/events, or
     Socket Mode with SLACK_APP_TOKEN) and /healthz, /readyz."""
     logging.getLogger("bot").setLevel(logging.INFO)
-    await _until_stopped(_web(deps, host, port), _slack_socket(deps))
+    await _until_stopped(_web(deps, host, port), *channel.runners(deps, "web"))
 
 
 @cli.command()
@@ -273,7 +246,7 @@ async def scheduler(deps: Deps) -> None:
     finished threads past HANDRAIL_RETENTION_DAYS (one process at a time)."""
     logging.getLogger("channels").setLevel(logging.INFO)
     logging.getLogger("bot.retention").setLevel(logging.INFO)
-    await _until_stopped(_scheduler(deps), _retention(deps))
+    await _until_stopped(*channel.runners(deps, "scheduler"), _retention(deps))
 
 
 @cli.command()

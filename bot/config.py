@@ -75,6 +75,7 @@ SCOPES = ("launch", "read", "decide")
 WEBHOOK_EVENTS = ("approval.requested", "approval.decided", "thread.done", "thread.failed")
 _ENV_NAME = r"^[A-Z][A-Z0-9_]*$"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_CHANNEL = re.compile(r"^(api|[a-z][a-z0-9_-]{0,31}:\S{1,256})$")
 
 
 class ApiKeySpec(_Strict):
@@ -82,6 +83,17 @@ class ApiKeySpec(_Strict):
 
     key_env: str = Field(pattern=_ENV_NAME)
     scopes: list[Literal["launch", "read", "decide"]] = Field(min_length=1)
+    # Where threads this key launches may talk to humans: a channel kind with one address ("slack:C0123",
+    # "email:ops@example.com") or with any ("email:*"); "api" (the default) keeps them on the API alone.
+    channels: list[str] = Field(default=["api"], min_length=1)
+    agents: list[str] = ["*"]  # agent names this key may launch, message and read; "*" for all
+
+    @model_validator(mode="after")
+    def _known_channel_forms(self) -> ApiKeySpec:
+        for entry in self.channels:
+            if not _CHANNEL.match(entry):
+                raise ValueError(f"channels: {entry!r} should be 'api', 'KIND:ADDRESS' or 'KIND:*'")
+        return self
 
 
 class WebhookSpec(_Strict):
@@ -199,6 +211,10 @@ def load_config(path: str | Path, prompts_dir: str | Path = "prompts") -> Config
                 raise ConfigError(
                     where, f"{section}.{name}", "names are letters, digits, '.', '_' and '-' (64 at most)"
                 )
+    for name, api_key in spec.api_keys.items():
+        for agent in api_key.agents:
+            if agent != "*" and agent not in agents:
+                raise ConfigError(where, f"api_keys.{name}.agents", f"no agent named {agent!r}")
     for section, entries in (("triggers", spec.triggers), ("schedules", spec.schedules)):
         for name, entry in entries.items():
             if entry.agent not in agents:

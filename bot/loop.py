@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,15 +18,15 @@ from pydantic import ValidationError
 from bot import approvals, codec, outage
 from bot.agent import Agent, AskHuman, CallTool, Malformed, SendReply, StepOutcome
 from bot.bus import Command
-from bot.config import WebhookSpec
 from bot.errors import ApprovalRequired, ModelNotConfigured, ModelRefused, ModelUnavailableError
 from bot.events import (
     ApprovalDecided,
     ApprovalRequested,
-    ChannelRef,
     Error,
     Event,
+    HumanAnswered,
     HumanAsked,
+    MessageReceived,
     ModelUnavailable,
     Reply,
     ThreadFailed,
@@ -38,7 +38,7 @@ from bot.events import (
     now_ms,
 )
 from bot.keys import Keys
-from bot.outbox import NOTIFICATIONS, UNDELIVERED, Outbound, outbox_command, webhook_stream
+from bot.outbox import Outbound, outbox_command
 from bot.plan import (
     PREFETCH_PREFIX,
     Approved,
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # Apply commands atomically, provided the thread's log (the first argument) still ends at the given id.
 Commit = Callable[[str, str, Sequence[Command]], Awaitable[list[Any]]]
+# What a channel queues when an event is recorded: (outbox name, message) pairs.
+Observer = Callable[[Thread, Event], Sequence[tuple[str, Outbound]]]
 
 
 @dataclass
@@ -109,7 +111,8 @@ class Tx:
     thread: Thread
     keys: Keys
     commit: Commit
-    webhooks: Mapping[str, WebhookSpec] = field(default_factory=dict)
+    observers: Sequence[Observer] = ()  # channels that queue messages of their own when an event is recorded
+    delivered: frozenset[str] | None = None  # channel kinds someone delivers to (None: every kind)
     fresh: list[Event] = field(default_factory=list)
     extra: list[Command] = field(default_factory=list)
     records: dict[str, approvals.ApprovalRecord] = field(default_factory=dict)  # read this step, for the gate
@@ -118,36 +121,15 @@ class Tx:
         self.thread.events.append(event)
         self.fresh.append(event)
         self.extra.extend(extra)
-        self._notify(event)
-
-    def _notify(self, event: Event) -> None:
-        """Queue the event for webhook subscribers, in the same commit that records it."""
-        name = NOTIFICATIONS.get(event.type)
-        if name is None:
-            return
-        for sub, spec in self.webhooks.items():
-            if name in spec.events:
-                msg = Outbound(
-                    id=event.id,
-                    thread_id=self.thread.id,
-                    ref=ChannelRef(kind="webhook", address=sub),
-                    kind="event",
-                    event={
-                        "id": event.id,
-                        "type": name,
-                        "thread_id": self.thread.id,
-                        "agent": self.thread.agent,
-                        "at": event.at,
-                        "event": codec.event_to_dict(event, keep_thread=True),
-                    },
-                )
-                self.extra.append(outbox_command(self.keys, msg, webhook_stream(sub)))
+        for observe in self.observers:  # e.g. webhook subscribers, in the same commit that records the event
+            for outbox, msg in observe(self.thread, event):
+                self.extra.append(outbox_command(self.keys, msg, outbox))
 
     def say(self, kind: str, text: str, approval: dict[str, Any] | None = None) -> None:
         """Queue a message to the thread's humans, in the same commit as the event it reports."""
         origin = self.thread.origin
-        if origin is None or origin.kind in UNDELIVERED:
-            return
+        if origin is None or (self.delivered is not None and origin.kind not in self.delivered):
+            return  # nobody would ever take it from the outbox (an API caller reads the thread instead)
         msg = Outbound(
             id=self.fresh[-1].id if self.fresh else new_id(),
             thread_id=self.thread.id,
@@ -205,6 +187,8 @@ class Runner:
 
     async def apply(self, tx: Tx, agent: Agent | None, event: Event, turn: Turn | None = None) -> TurnOutcome:
         """Record ``event`` (if it applies) and run the thread until it waits, or ``turn`` says stop."""
+        if isinstance(event, MessageReceived) and tx.thread.events and tx.thread.status is Status.WAITING_HUMAN:
+            event = answer(event)  # decided here, in order, not by the channel that saw the thread a moment ago
         why_not = await self.accept(tx, event)
         if why_not is None:
             open_request = tx.thread.open_approval()
@@ -448,6 +432,12 @@ def _failure(exc: BaseException) -> str:
     """A tool's exception as stored, shown to the model and sent to webhooks: credentials redacted (HTTP clients
     put the URL they called, tokens and all, in their errors)."""
     return redact(f"{type(exc).__name__}: {exc}")
+
+
+def answer(message: MessageReceived) -> HumanAnswered:
+    """A message to a thread that waits on a human is that human's answer."""
+    return HumanAnswered(id=message.id, thread_id=message.thread_id, at=message.at, key=message.key, ref=message.ref,
+                         text=message.text, by=message.user)  # fmt: skip
 
 
 def _compact(exc: ValidationError) -> str:

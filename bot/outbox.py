@@ -108,24 +108,6 @@ def outbox_command(keys: Keys, msg: Outbound, stream: str | None = None) -> Comm
     return ("XADD", keys.outbox(name), *trim, "*", "m", msg.model_dump_json())
 
 
-# Which thread events a webhook subscriber can ask for, by the name it asks with.
-NOTIFICATIONS = {
-    "approval.requested": "approval.requested",
-    "approval.decided": "approval.decided",
-    "reply": "thread.done",
-    "thread.failed": "thread.failed",
-}
-
-
-# Channel kinds no process delivers to: API callers read the thread, or subscribe to webhooks.
-UNDELIVERED = frozenset({"api"})
-
-
-def webhook_stream(name: str) -> str:
-    """Each subscriber has its own outbox, so a failing one delays no one else."""
-    return f"webhook.{name}"
-
-
 def backoff(tries: int, base_delay: float, retry_after: float | None) -> float:
     """Seconds to wait before the next attempt after ``tries`` failed ones (the channel's Retry-After wins)."""
     if retry_after is not None:

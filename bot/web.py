@@ -1,7 +1,5 @@
-"""The web process, assembled: REST API, signed inbound webhooks, Slack and email links (when configured), health.
-Wiring layer, like bot/cli.py.
-
-The routes live with their channels; this module only knows which ones exist.
+"""The web process, assembled: the routes of every registered channel (the REST API, signed inbound webhooks, Slack
+and email links when configured), and health. Wiring layer, like bot/cli.py: it names no channel.
 """
 
 from __future__ import annotations
@@ -12,13 +10,14 @@ import logging
 import socket
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bot import channel
 from bot.errors import SettingsMismatch
 from bot.runtime import Deps, check_installation
 
@@ -49,17 +48,11 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    # an HTTPException passes through FastAPI's body parsing (any other error there is a 400)
+                    raise HTTPException(413, f"request body over {self.limit} bytes")
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _too_large(self.limit)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, limited, send)
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -72,8 +65,6 @@ def _unavailable(body: dict[str, Any]) -> JSONResponse:
 
 def create_app(deps: Deps) -> FastAPI:
     """The ASGI app over already-opened dependencies (the caller owns their lifetime)."""
-    from channels import api, webhooks
-
     app = FastAPI(
         title="Handrail",
         version="1",
@@ -83,22 +74,8 @@ def create_app(deps: Deps) -> FastAPI:
     )
     _docs(app)
     app.state.deps = deps
-    app.include_router(api.router(deps))
-    app.include_router(webhooks.trigger_router(deps))
-    from channels.slack.settings import SlackSettings
-
-    slack = SlackSettings.from_env()
-    if slack is not None:  # POST /slack/events only where Slack is configured
-        from channels.slack.app import router as slack_router
-
-        app.include_router(slack_router(deps, slack))
-    from channels.email.settings import EmailSettings
-
-    email = EmailSettings.from_env()
-    if email is not None:  # the confirm pages of decision links, only where email is configured
-        from channels.email.links import router as email_router
-
-        app.include_router(email_router(deps, email))
+    for router in channel.routes(deps):  # the REST API, inbound webhooks, Slack, email links: whatever is there
+        app.include_router(router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, bool]:

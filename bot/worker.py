@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bot import codec, threads
+from bot import channel, codec, threads
 from bot.bus import Command
 from bot.connections import server_time_ms
 from bot.errors import LeaseLost, LogConflict
@@ -137,6 +137,7 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{random.randrange(1 << 20):x}"
         self.batch, self.max_queued = batch, max_queued
         self.runner = Runner(deps, deps.keys)
+        self.observers, self.delivered = channel.observers(deps), channel.delivered()
         self.lease_ms = deps.settings.lease_ms
         self.drain_seconds = deps.settings.drain_seconds if drain_seconds is None else drain_seconds
         self.owned: dict[int, str] = {}  # partition -> fencing token
@@ -508,7 +509,7 @@ class Worker:
         async def commit(log: str, last_id: str, cmds: Sequence[Command]) -> list[Any]:
             return await self.deps.bus.fenced(self.keys.lease(p), token, cmds, log=log, last_id=last_id)
 
-        tx = Tx(thread, self.keys, commit, self.deps.agents.spec.webhooks)
+        tx = Tx(thread, self.keys, commit, self.observers, self.delivered)
         name = event.agent if event.type == "thread.launched" else thread.agent
         agent = self.deps.agents.agents.get(name)
         if agent is None and name:

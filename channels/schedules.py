@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -24,6 +24,7 @@ from croniter import CroniterBadDateError, croniter
 from redis.exceptions import RedisError
 
 from bot import control
+from bot.channel import BaseChannel, Role, Runner
 from bot.config import ScheduleSpec
 from bot.connections import server_time_ms
 from bot.errors import HandrailError
@@ -305,3 +306,16 @@ async def describe(deps: Deps, now: datetime, *, count: int = 3) -> list[Schedul
 
 
 __all__ = ["GRACE", "Fired", "ScheduleRow", "describe", "fire_now", "next_fires", "run_scheduler", "tick"]
+
+
+class ScheduleChannel(BaseChannel):
+    """Threads launched on a schedule (cron); they talk to humans through the channel each schedule names."""
+
+    name = "schedule"
+    delivers = False
+
+    def processes(self, deps: Deps, role: Role) -> Sequence[Runner]:
+        return [lambda stop: run_scheduler(deps, stop)] if role == "scheduler" else []
+
+
+channel = ScheduleChannel()

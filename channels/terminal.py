@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import yaml
 
 from bot import control, threads
+from bot.channel import BaseChannel
 from bot.errors import HandrailError
 from bot.events import ChannelRef, new_id
 from bot.outbox import Outbound, OutboxConsumer, Receipt
@@ -231,3 +232,12 @@ def _read_fd_line() -> str | None:
 
 
 __all__ = ["TerminalChat", "stdin_lines"]
+
+
+class TerminalChannel(BaseChannel):
+    """`handrail chat`: each chat session reads the ``terminal`` outbox with a consumer group of its own."""
+
+    name = "terminal"
+
+
+channel = TerminalChannel()

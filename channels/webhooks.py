@@ -1,16 +1,16 @@
 """Webhooks: thread events POSTed, signed, to subscribers; and signed inbound triggers that launch threads.
 
-Signing (the same in both directions)
-  Handrail-Timestamp: 1732500000          unix seconds when this attempt was signed
-  Handrail-Signature: v1=<hex>            HMAC-SHA256(secret, b"1732500000." + raw body), lowercase hex
+Signing: Standard Webhooks (https://www.standardwebhooks.com), the same in both directions, with its maintained
+``standardwebhooks`` library. Secrets are ``whsec_`` followed by base64 of 24 to 64 random bytes.
+  webhook-id: <event id>                  the de-duplication key: retries resend the same id
+  webhook-timestamp: 1732500000           unix seconds when this attempt was signed
+  webhook-signature: v1,<base64>          HMAC-SHA256(secret, b"<id>.<timestamp>.<raw body>")
   Handrail-Event: approval.requested      what happened (outbound)
-  Handrail-Delivery: <event id>           the de-duplication key: retries resend the same id
 
-To verify, take the raw body bytes exactly as received (before any JSON parsing), compute the HMAC over
-``timestamp + "." + body`` with the shared secret and compare it in constant time with the ``v1=`` value (a
-sender rotating secrets may send several, comma-separated: any match passes). Refuse a timestamp more than
-5 minutes from your clock, and de-duplicate on Handrail-Delivery: delivery is at least once. ``verify`` does
-the first two.
+The id is signed, so a captured request re-sent with a new id fails verification, and a re-sent one with the same
+id is a duplicate. Verify with ``standardwebhooks.Webhook(secret).verify(raw_body, headers)`` (a sender rotating
+secrets may send several space-separated signatures: any match passes); it refuses a timestamp more than 5
+minutes from your clock. De-duplicate on webhook-id: delivery is at least once.
 
 Outbound: each subscriber in ``webhooks:`` gets POSTs of the events it asked for, as JSON
 ``{"id", "type", "thread_id", "agent", "at", "event": {the full event}}``. A 2xx answer is delivered. A 4xx
@@ -24,40 +24,45 @@ happened and a dead subscriber delays no one else.
 Inbound: ``POST /hooks/NAME`` (a trigger in ``triggers:``), signed with the trigger's secret, body a JSON object.
 The thread is ``hook-NAME-VALUE`` where VALUE is the payload's value at the ``thread_key`` JSON pointer (the
 same value continues the same thread); without one, each delivery starts its own thread. Answers: 202
-``{"thread_id", "duplicate"}`` (a repeated Handrail-Delivery, or body when there is none, changes nothing);
-401 bad, missing or stale signature; 400 not a JSON object; 404 no such trigger; 413 over 256 KB;
-503 the trigger's secret is not set.
+``{"thread_id", "duplicate"}`` (a repeated webhook-id changes nothing and names the thread of its first
+delivery); 401 bad, missing or stale signature; 400 not a JSON object (or not UTF-8, or holding a lone surrogate);
+404 no such trigger; 413 over 256 KB; 503 the trigger's secret is not set or not in ``whsec_`` form.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import email.utils
 import hashlib
-import hmac
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from bot import control
+from bot import codec, control, jsonbody
+from bot.bus import SEEN_TTL
+from bot.channel import BaseChannel, Role, Runner
 from bot.config import WebhookSpec
 from bot.errors import ConfigError, DeliveryFailed, PermanentDeliveryError
-from bot.events import ChannelRef
-from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt, webhook_stream
+from bot.events import ChannelRef, Event
+from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt
 from bot.runtime import Deps
+from bot.threads import Thread
 
 log = logging.getLogger(__name__)
 
-TOLERANCE = 300  # seconds a signature stays valid: bounds how late a captured request can be replayed
 MAX_ATTEMPTS = 10
 BASE_DELAY = 0.5
 TIMEOUT = 10.0
@@ -72,32 +77,38 @@ class SignatureError(Exception):
     """A request that does not prove it came from the secret's holder; the message says why."""
 
 
-def sign(secret: bytes, timestamp: int, body: bytes) -> str:
-    """The Handrail-Signature header value for ``body`` sent at ``timestamp``."""
-    return "v1=" + hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+class BadSecret(ValueError):
+    """A secret not in the ``whsec_<base64>`` form Standard Webhooks uses."""
 
 
-def verify(
-    secret: bytes, headers: Mapping[str, str], body: bytes, *, now: float | None = None, tolerance: int = TOLERANCE
-) -> None:
-    """Raise SignatureError unless ``body`` was signed with ``secret`` within ``tolerance`` seconds of ``now``."""
-    h = {k.lower(): v for k, v in headers.items()}
-    stamp, given = h.get("handrail-timestamp", "").strip(), h.get("handrail-signature", "")
-    if not stamp:
-        raise SignatureError("missing Handrail-Timestamp header")
-    if not given:
-        raise SignatureError("missing Handrail-Signature header")
-    if not (stamp.isascii() and stamp.isdigit()):
-        raise SignatureError("Handrail-Timestamp is not unix seconds")
-    age = (time.time() if now is None else now) - int(stamp)
-    if abs(age) > tolerance:
-        raise SignatureError(f"Handrail-Timestamp is {abs(age):.0f} s off this server's clock (limit {tolerance} s)")
-    candidates = [v.strip().encode() for v in given.split(",") if v.strip().startswith("v1=")]
-    if not candidates:
-        raise SignatureError("Handrail-Signature has no v1= value")
-    expected = sign(secret, int(stamp), body).encode()
-    if not any(hmac.compare_digest(expected, c) for c in candidates):
-        raise SignatureError("signature does not match (wrong secret, or the body was changed on the way)")
+def webhook(secret: str) -> Webhook:
+    """The signer/verifier for a ``whsec_`` secret; BadSecret (never showing the secret) if it is malformed."""
+    if not secret.startswith("whsec_"):
+        raise BadSecret("not a Standard Webhooks secret: it should start with 'whsec_'")
+    try:
+        raw = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadSecret("not a Standard Webhooks secret: the part after 'whsec_' is not base64") from None
+    if not 24 <= len(raw) <= 64:
+        raise BadSecret(f"a Standard Webhooks secret holds 24 to 64 bytes, this one {len(raw)}")
+    return Webhook(raw)
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The webhook-signature header value for ``body`` (UTF-8: the scheme signs text) sent as ``msg_id`` at
+    ``timestamp``."""
+    when = datetime.fromtimestamp(timestamp, tz=UTC)
+    return webhook(secret).sign(msg_id, when, body.decode())
+
+
+def verify(secret: str, headers: Mapping[str, str], body: bytes) -> None:
+    """Raise SignatureError unless ``body`` was signed with ``secret``, with its id and a fresh timestamp."""
+    try:
+        webhook(secret).verify(body, dict(headers), json_parse=False)
+    except WebhookVerificationError as exc:
+        raise SignatureError(f"{exc} (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)") from None
+    except ValueError:  # a body that is not UTF-8 (the scheme signs text), or a malformed signature header
+        raise SignatureError("malformed webhook-signature or a body that is not UTF-8") from None
 
 
 # -- outbound ----------------------------------------------------------------------------------------------------
@@ -112,11 +123,15 @@ def refused_for_good(status: int) -> bool:
     return 400 <= status < 500 and status not in RETRYABLE_4XX
 
 
-def _secret(name: str, var: str) -> bytes:
+def _secret(name: str, var: str) -> str:
     value = os.environ.get(var, "")
     if not value:
         raise ConfigError("environment", var, f"not set; webhook subscriber {name!r} signs its requests with it")
-    return value.encode()
+    try:
+        webhook(value)
+    except BadSecret as exc:
+        raise ConfigError("environment", var, str(exc)) from None
+    return value
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -128,7 +143,7 @@ def _retry_after(response: httpx.Response) -> float | None:
     return None
 
 
-def sender(name: str, spec: WebhookSpec, secret: bytes, client: httpx.AsyncClient) -> Deliver:
+def sender(name: str, spec: WebhookSpec, secret: str, client: httpx.AsyncClient) -> Deliver:
     """The Deliver function for one subscriber: one signed POST per attempt."""
 
     async def deliver(msg: Outbound) -> Receipt | None:
@@ -140,9 +155,9 @@ def sender(name: str, spec: WebhookSpec, secret: bytes, client: httpx.AsyncClien
             "Content-Type": "application/json",
             "User-Agent": "Handrail-Webhooks/1",
             "Handrail-Event": str(msg.event.get("type", "")),
-            "Handrail-Delivery": msg.id,
-            "Handrail-Timestamp": str(stamp),
-            "Handrail-Signature": sign(secret, stamp, body),
+            "webhook-id": msg.id,
+            "webhook-timestamp": str(stamp),
+            "webhook-signature": sign(secret, msg.id, stamp, body),
         }
         try:
             response = await client.post(spec.url, content=body, headers=headers)
@@ -241,30 +256,86 @@ def trigger_router(deps: Deps) -> APIRouter:
             raise HTTPException(503, f"trigger {name} is not configured: set {spec.secret_env}")
         body = await request.body()
         try:
-            verify(secret.encode(), request.headers, body)
+            webhook(secret)
+        except BadSecret as exc:
+            raise HTTPException(503, f"trigger {name} is not configured: {spec.secret_env}: {exc}") from None
+        try:
+            verify(secret, request.headers, body)
         except SignatureError as exc:
             raise HTTPException(401, str(exc)) from None
         try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # ValueError includes bad UTF-8
-            raise HTTPException(400, f"body is not JSON: {exc}") from None
+            payload = jsonbody.parse(body)
+        except jsonbody.BadJSON as exc:
+            raise HTTPException(400, str(exc)) from None
         if not isinstance(payload, dict):
             raise HTTPException(400, f"body must be a JSON object, not {type(payload).__name__}")
-        delivery = request.headers.get("handrail-delivery", "").strip()
-        if not delivery:
-            delivery = "sha256:" + _digest(body, 64)
-        elif not _SAFE_KEY.fullmatch(delivery):
+        delivery = request.headers["webhook-id"].strip()  # signed: a new id means the sender sent it anew
+        if not _SAFE_KEY.fullmatch(delivery):
             delivery = "h:" + _digest(delivery)
         key = f"hook:{name}:{delivery}"
         value = _pointer(payload, spec.thread_key)
         # without a thread key the id still follows from the delivery, so a repeat lands on the same thread
         suffix = (value if _SAFE_KEY.fullmatch(value) else "h" + _digest(value)) if value else "d" + _digest(key)
+        thread_id = f"hook-{name}-{suffix}"
+        # the first delivery of an id fixes its thread: a repeat with another body launches nothing anywhere
+        slot = deps.keys.seen(f"{key}:thread")
+        if not await deps.redis.set(slot, thread_id, nx=True, ex=SEEN_TTL):
+            first = (await deps.redis.get(slot) or thread_id.encode()).decode()
+            if first != thread_id:
+                return HookAccepted(thread_id=first, duplicate=True)
         ref = ChannelRef(kind=spec.channel.kind, address=spec.channel.address, user=spec.channel.user or f"hook:{name}")
         text = _message(name, payload)
-        accepted = await control.launch(deps, spec.agent, text, ref, thread_id=f"hook-{name}-{suffix}", key=key)
+        accepted = await control.launch(deps, spec.agent, text, ref, thread_id=thread_id, key=key)
         return HookAccepted(thread_id=accepted.thread_id, duplicate=accepted.duplicate)
 
     return router
 
 
-__all__ = ["DeliveryFailed", "SignatureError", "deliver_all", "sign", "trigger_router", "verify"]
+__all__ = [
+    "BadSecret", "DeliveryFailed", "SignatureError", "deliver_all", "sign", "trigger_router", "verify", "webhook",
+]  # fmt: skip
+
+
+# -- the channel ---------------------------------------------------------------------------------------------------
+
+# Which thread events a subscriber can ask for, by the name it asks with.
+NOTIFICATIONS = {
+    "approval.requested": "approval.requested",
+    "approval.decided": "approval.decided",
+    "reply": "thread.done",
+    "thread.failed": "thread.failed",
+}
+
+
+def webhook_stream(name: str) -> str:
+    """Each subscriber has its own outbox, so a failing one delays no one else."""
+    return f"webhook.{name}"
+
+
+class WebhookChannel(BaseChannel):
+    """Signed outbound notifications of thread events to each configured subscriber, and signed inbound triggers."""
+
+    name = "webhook"
+
+    def routes(self, deps: Deps) -> Sequence[Any]:
+        return [trigger_router(deps)]
+
+    def processes(self, deps: Deps, role: Role) -> Sequence[Runner]:
+        return [lambda stop: deliver_all(deps, stop)] if role == "worker" else []
+
+    def notify(self, deps: Deps, thread: Thread, event: Event) -> Sequence[tuple[str, Outbound]]:
+        name = NOTIFICATIONS.get(event.type)
+        if name is None:
+            return []
+        body = {"id": event.id, "type": name, "thread_id": thread.id, "agent": thread.agent, "at": event.at,
+                "event": codec.event_to_dict(event, keep_thread=True)}  # fmt: skip
+        out: list[tuple[str, Outbound]] = []
+        for sub, spec in deps.agents.spec.webhooks.items():
+            if name in spec.events:
+                ref = ChannelRef(kind=self.name, address=sub)
+                out.append((webhook_stream(sub), Outbound(id=event.id, thread_id=thread.id, ref=ref, kind="event",
+                                                          event=body)))  # fmt: skip
+        return out
+
+
+channel = WebhookChannel()

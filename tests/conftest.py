@@ -29,7 +29,8 @@ TEST_CONFIG = ROOT / "tests" / "config" / "handrail.yaml"
 # litellm must never fetch its price list in tests (see bot/llm.py); set before anything imports it.
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 # The test config's webhook subscribers sign with this; every worker (and `handrail worker`) needs it at start.
-os.environ.setdefault("TEST_WEBHOOK_SECRET", "whsec-test-only-not-secret")
+# Standard Webhooks form: "whsec_" + base64 of 24-64 bytes (here b"test-only-not-a-secret-1234").
+os.environ.setdefault("TEST_WEBHOOK_SECRET", "whsec_dGVzdC1vbmx5LW5vdC1hLXNlY3JldC0xMjM0")
 
 
 # -- no network: only loopback and unix sockets ----------------------------------------------------------------

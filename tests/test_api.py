@@ -13,7 +13,10 @@ from bot.runtime import Deps
 from bot.threads import Status
 from tests.conftest import status_is, wait_for, web_client
 
-KEYS = {"ops": "sk-ops-0123456789", "reader": "sk-reader-0123456789", "intern": "sk-intern-0123456789"}
+KEYS = {
+    "ops": "sk-ops-0123456789", "reader": "sk-reader-0123456789", "intern": "sk-intern-0123456789",
+    "narrow": "sk-narrow-0123456789",
+}  # fmt: skip
 
 
 def auth(name: str) -> dict[str, str]:
@@ -40,7 +43,8 @@ async def test_launch_decide_and_read_a_thread_over_http(api: httpx.AsyncClient,
     tid = await launch(api)
     await wait_for(deps, tid, status_is(Status.WAITING_APPROVAL))
     r = await api.get("/api/v1/approvals", headers=auth("reader"))
-    [pending] = r.json()
+    assert r.json()["next"] is None
+    [pending] = r.json()["items"]
     assert (pending["thread_id"], pending["tool"], pending["args"]) == (
         tid, "issue_refund", {"order_id": "A100", "amount_cents": 2500}
     )  # fmt: skip
@@ -54,13 +58,21 @@ async def test_launch_decide_and_read_a_thread_over_http(api: httpx.AsyncClient,
     assert [e["type"] for e in body["events_log"]][-3:] == ["tool.started", "tool.result", "reply"]
     assert body["events_log"][0]["ref"] == {"kind": "api", "address": "ops", "user": "api:ops"}
     listed = (await api.get("/api/v1/threads", params={"status": "done"}, headers=auth("reader"))).json()
-    assert [t["id"] for t in listed] == [tid]
+    assert [t["id"] for t in listed["items"]] == [tid] and listed["next"] is None
     # the API origin has no delivery process: nothing piles up in an outbox no one reads
     assert await deps.redis.xlen(deps.keys.outbox("api")) == 0
 
     again = await api.post(f"/api/v1/approvals/{pending['id']}/decision", json={"approved": False}, headers=auth("ops"))
     assert again.status_code == 409
     assert again.json()["detail"].startswith("already approved by api:ops at ")
+
+    # one approval, after its decision: the full call from the thread's log, and who decided
+    one = (await api.get(f"/api/v1/approvals/{pending['id']}", headers=auth("reader"))).json()
+    assert {k: one[k] for k in ("thread_id", "tool", "args", "state", "by")} == {
+        "thread_id": tid, "tool": "issue_refund", "args": {"order_id": "A100", "amount_cents": 2500},
+        "state": "approved", "by": "api:ops",
+    }  # fmt: skip
+    assert (await api.get("/api/v1/approvals/nope", headers=auth("reader"))).status_code == 404
 
 
 async def test_the_same_idempotency_key_twice_makes_one_thread(api: httpx.AsyncClient, deps: Deps) -> None:
@@ -133,7 +145,7 @@ async def test_keys_and_scopes_are_enforced(api: httpx.AsyncClient, deps: Deps) 
     assert (await api.post(url, json={"approved": True}, headers=auth("reader"))).status_code == 403
     r = await api.post(url, json={"approved": True}, headers=auth("intern"))
     assert r.status_code == 403 and r.json()["detail"] == "api:intern may not decide this approval"
-    assert (await api.get("/api/v1/approvals", headers=auth("reader"))).json()[0]["id"] == approval.approval_id
+    assert (await api.get("/api/v1/approvals", headers=auth("reader"))).json()["items"][0]["id"] == approval.approval_id
 
 
 async def test_bad_input_gets_a_clear_error_and_changes_nothing(api: httpx.AsyncClient, deps: Deps) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -135,6 +136,19 @@ async def approval_card(rig: Rig, text: str = "refund A100 25") -> tuple[str, Ca
     return request.approval_id, card
 
 
+async def receipts_of(deps: Deps, thread_id: str) -> dict[bytes, bytes]:
+    """The thread's receipts once there are some (kept just after Slack answers)."""
+    for _ in range(500):
+        if receipts := await deps.redis.hgetall(deps.keys.receipts(thread_id)):
+            return receipts
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no receipts for {thread_id}")
+
+
+def section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text, "verbatim": True}}
+
+
 def count(thread: Thread, type_: str) -> int:
     return sum(1 for e in thread.events if e.type == type_)
 
@@ -149,13 +163,14 @@ async def test_a_mention_is_answered_in_its_thread(slack: Rig) -> None:
     echo = mention("hello") | {"type": "message", "channel_type": "channel"}
     assert (await slack.event(echo)).status_code == 200
     [reply] = await slack.posted(1)
+    assert reply.params.pop("metadata")["event_type"] == "handrail_outbox"
     assert reply.params == {
         "channel": "CGEN", "thread_ts": "1700000000.000100",
         "text": "I can refund orders. Say 'refund A100' for the whole order or 'refund A100 25' for $25.",
     }  # fmt: skip
     thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
     said = next(e for e in thread.events if e.type == "message.received")
-    assert (said.text, said.user, thread.agent) == ("hello", "slack:UBOB", "slack-desk")  # type: ignore[union-attr]
+    assert (said.text, said.user, thread.agent) == ("hello", "slack:T1:UBOB", "slack-desk")  # type: ignore[union-attr]
     assert count(thread, "message.received") == 1
     assert [c.method for c in slack.fake.calls if c.method != "auth.test"] == ["chat.postMessage"]
 
@@ -189,7 +204,7 @@ async def test_a_question_is_asked_in_the_thread_and_the_next_reply_answers_it(s
     await slack.event(reply)
     thread = await wait_for(slack.deps, tid(channel="CSUPPORT"), status_is(Status.DONE), timeout=30)
     answered = next(e for e in thread.events if e.type == "human.answered")
-    assert (answered.text, answered.by) == ("A100", "slack:UBOB")  # type: ignore[union-attr]
+    assert (answered.text, answered.by) == ("A100", "slack:T1:UBOB")  # type: ignore[union-attr]
     assert (await slack.posted(2))[1].params["text"] == "Looking at A100."
 
 
@@ -200,11 +215,10 @@ async def test_an_approver_approves_with_the_button_and_the_card_is_updated(slac
     approval_id, card = await approval_card(slack)
     assert card.params["channel"] == "CGEN" and card.params["thread_ts"] == "1700000000.000100"
     assert card.params["blocks"] == [
-        {"type": "section", "text": {"type": "mrkdwn", "text": ":raised_hand: Approval needed to run *issue_refund*"}},
-        {"type": "section", "fields": [{"type": "mrkdwn", "text": "*order_id*\nA100"},
-                                       {"type": "mrkdwn", "text": "*amount_cents*\n2500"}]},
-        {"type": "section", "text": {"type": "mrkdwn",
-                                     "text": "*Why:* ada@example.com asked for a refund of their mechanical keyboard"}},
+        section(":raised_hand: Approval needed to run *issue_refund*"),
+        section("*order_id*\n```A100```"),
+        section("*amount_cents*\n```2500```"),
+        section("*Why (the agent's words):*\nada@example.com asked for a refund of their mechanical keyboard"),
         {"type": "context", "elements": [{"type": "mrkdwn", "text": "Who may decide: <@UALICE>"}]},
         {"type": "actions", "block_id": f"approval:{approval_id}", "elements": [
             {"type": "button", "action_id": "handrail_approve", "value": approval_id, "style": "primary",
@@ -224,7 +238,7 @@ async def test_an_approver_approves_with_the_button_and_the_card_is_updated(slac
     assert update.params["ts"] == "1700000500.000001" and update.params["channel"] == "CGEN"
     verdict = f":white_check_mark: Approved by <@UALICE> at <!date^{decided.at // 1000}^{{time}}|"
     assert update.params["text"].startswith(verdict)
-    assert update.params["blocks"][-1] == {"type": "section", "text": {"type": "mrkdwn", "text": update.params["text"]}}
+    assert update.params["blocks"][-1] == section(update.params["text"]) | {"block_id": "verdict"}
     assert not any(b["type"] == "actions" for b in update.params["blocks"])
     replies = await slack.posted(2)
     assert replies[1].params["text"].startswith("Refunded $25.00 on order A100")
@@ -297,7 +311,7 @@ async def test_edit_validates_the_new_arguments_and_runs_the_edited_call(slack: 
     bad = await slack.submit(view, "UALICE", values("-5"))
     assert bad.status_code == 200
     refusal = bad.json()
-    assert refusal["response_action"] == "errors" and "greater than 0" in refusal["errors"]["arg:order_id"]
+    assert refusal == {"response_action": "errors", "errors": {"arg:amount_cents": "Input should be greater than 0"}}
     assert (await approvals.get(slack.deps.redis, slack.deps.keys, approval_id)).state == "pending"
 
     ok = await slack.submit(view, "UALICE", values("1000"))
@@ -306,6 +320,78 @@ async def test_edit_validates_the_new_arguments_and_runs_the_edited_call(slack: 
     ran = [e for e in thread.events if e.type == "tool.result"][-1]
     assert ran.result["amount_cents"] == 1000  # type: ignore[union-attr]
     assert (await slack.posted(2))[1].params["text"].startswith("Refunded $10.00 on order A100")
+    [update] = await slack.calls("chat.update", lambda c: len(c) >= 1)  # the card shows the call that ran
+    assert update.params["blocks"][:3] == [
+        section(":pencil2: Edited call to *issue_refund*"), section("*order_id*\n```A100```"),
+        section("*amount_cents*\n```1000```"),
+    ]  # fmt: skip
+    assert update.params["text"].startswith(":white_check_mark: Approved by <@UALICE> with edited arguments at")
+
+
+def test_the_card_shows_model_written_text_literally_as_code() -> None:
+    """Slack markup in arguments and reasons is escaped: a disguised link and <!channel> show as typed."""
+    from channels.slack import cards
+
+    card = cards.request_card({
+        "id": "ap1", "tool": "send_link", "approvers": ["slack:T1:UALICE", "email:<x>@y"],
+        "args": {"url": "<https://evil.example|https://shop.example/orders/A100>", "note": "<!channel> & `hi`"},
+        "reason": "*amount_cents*\n500 <!here>",
+    })  # fmt: skip
+    assert card[:5] == [
+        section(":raised_hand: Approval needed to run *send_link*"),
+        section("*url*\n```&lt;https://evil.example|https://shop.example/orders/A100&gt;```"),
+        section("*note*\n```&lt;!channel&gt; &amp; `\u200bhi`\u200b```"),
+        section("*Why (the agent's words):*\n*amount_cents*\n500 &lt;!here&gt;"),
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": "Who may decide: <@UALICE>, email:&lt;x&gt;@y"}]},
+    ]  # fmt: skip
+    assert card[5]["type"] == "actions"
+
+
+def test_the_card_never_cuts_silently_and_stays_within_block_kit_limits() -> None:
+    from channels.slack import cards
+    from tests.slack_fake import blocks_fit
+
+    args = {"body": "<" * 4000} | {f"a{i:02d}": i for i in range(60)}
+    card = cards.request_card({"id": "ap2", "tool": "t", "args": args, "reason": "r" * 5000, "approvers": []})
+    assert blocks_fit(card) and card[-1]["type"] == "actions"
+    texts = [b["text"]["text"] for b in card if b["type"] == "section"]
+    body = next(t for t in texts if t.startswith("*body*"))
+    assert body.endswith(f"_Value cut: {2600 // 4 * 4:,} of 16,000 characters shown._")
+    shown = sum(1 for t in texts if t.startswith("*a"))
+    warning = next(t for t in texts if t.startswith(":warning:"))
+    assert warning == (
+        f":warning: {60 - shown} more arguments not shown; a value cut: *body*. The full call: "
+        "`handrail approvals list`, or GET /api/v1/approvals/ap2."
+    )
+    assert next(t for t in texts if t.startswith("*Why")).endswith("…\n_The reason was cut._")
+
+
+def test_the_edit_modal_lists_every_argument() -> None:
+    from channels.slack import cards
+
+    args = {"long": "x" * 3001} | {f"a{i:02d}": i for i in range(12)}
+    view = cards.edit_modal("ap3", "t", args)
+    inputs = [b["block_id"] for b in view["blocks"] if b["type"] == "input"]
+    assert inputs == [f"arg:a{i:02d}" for i in range(12)]
+    assert view["blocks"][1] == section("*long*: 3,001 characters, too long to edit here; it keeps its value.")
+    assert cards.edited_args(args, {"arg:a00": {"value": {"value": "7"}}, "arg:nope": {"value": {"value": "1"}}}) == (
+        args | {"a00": 7}
+    )  # an argument the call does not have is not added
+
+
+async def test_a_long_rejection_reason_is_shown_cut_with_a_note_and_the_card_still_updates(slack: Rig) -> None:
+    from bot import control
+
+    approval_id, _ = await approval_card(slack)
+    reason = "no: " + "<&>" * 2000
+    outcome = await control.decide(slack.deps, approval_id, by="slack:UALICE", approved=False, feedback=reason)
+    assert outcome.result == "ok"
+    [update] = await slack.calls("chat.update", lambda c: len(c) >= 1)
+    verdict = update.params["blocks"][-1]["text"]["text"]
+    assert verdict.startswith(":x: Rejected by <@UALICE>: no: &lt;&amp;&gt;&lt;&amp;&gt;")
+    assert verdict.endswith("…\n_The reason was cut; the agent was given all of it._") and len(verdict) <= 3000
+    assert slack.fake.made("chat.update")[0].status == 200 and await slack.deps.bus.dead_letters() == []
+    assert slack.fake.messages[0]["blocks"] == update.params["blocks"]
 
 
 async def test_handrail_slash_command_lists_my_pending_approvals(slack: Rig) -> None:
@@ -315,13 +401,109 @@ async def test_handrail_slash_command_lists_my_pending_approvals(slack: Rig) -> 
     mine = await slack.form(base | {"user_id": "UALICE", "text": ""})
     assert mine.status_code == 200
     assert mine.text == (
-        'Waiting for your decision:\n• *issue_refund* {"amount_cents": 2500, "order_id": "A100"} '
+        'Waiting for your decision:\n• *issue_refund* `{"amount_cents": 2500, "order_id": "A100"}` '
         f"(thread `{tid()}`, approval `{approval_id}`)"
     )  # the answer is shown to the caller only
     others = await slack.form(base | {"user_id": "UBOB", "text": "approvals"})
     assert others.text == "Nothing is waiting for you."
     listed = await slack.form(base | {"user_id": "UBOB", "text": "threads"})
     assert f"`{tid()}` slack-desk: waiting_approval" in listed.text
+
+
+def test_slack_identities_carry_the_workspace_and_slack_star_means_its_members() -> None:
+    from channels.slack.identity import Person
+
+    alice, outsider = Person("T1", "UALICE", "T1"), Person("T2", "UALICE", "T1")
+    guest = Person("T1", "UGUEST", "T1", guest=True)
+    assert alice.names() == ("slack:T1:UALICE", "slack:UALICE") and outsider.names() == ("slack:T2:UALICE",)
+    assert alice.name_in(["slack:UALICE"]) == "slack:UALICE"  # the short form names the installed workspace's
+    assert alice.name_in(["slack:T1:UALICE"]) == "slack:T1:UALICE"
+    assert outsider.name_in(["slack:UALICE"]) is None and outsider.name_in(["slack:*"]) is None
+    assert outsider.name_in(["slack:T2:UALICE"]) == "slack:T2:UALICE"  # named in full: let in
+    assert guest.name_in(["slack:*"]) is None and guest.name_in(["slack:*"], allow_guests=True) == "slack:T1:UGUEST"
+    assert guest.name_in(["slack:UGUEST"]) == "slack:UGUEST"
+    assert alice.name_in(["slack:*"]) == "slack:T1:UALICE"  # the core's check matches it to slack:*
+
+
+async def test_people_from_another_workspace_and_guests_cannot_decide_and_see_only_their_threads(slack: Rig) -> None:
+    approval_id, card = await approval_card(slack)
+    # the same user id from another workspace (a Slack Connect channel): refused, nothing decided
+    payload = {"type": "block_actions", "user": {"id": "UALICE", "team_id": "T2"}, "team": {"id": "T2"},
+               "trigger_id": "trig", "channel": {"id": "CGEN"}, "message": {"ts": "1700000500.000001"},
+               "actions": [{"action_id": "handrail_approve", "value": approval_id}]}  # fmt: skip
+    assert (await slack.form({"payload": json.dumps(payload)})).status_code == 200
+    [told] = await slack.calls("chat.postEphemeral", lambda c: len(c) >= 1)
+    assert told.params["text"].startswith("You can't approve this: you belong to another workspace")
+    # slack:* stands for the installed workspace's members only: a guest is refused (users.info asked once)
+    redis, keys = slack.deps.redis, slack.deps.keys
+    await redis.hset(keys.approval(approval_id), "approvers", "slack:*")
+    slack.fake.users["UGUEST"] = {"is_restricted": True}
+    for _ in range(2):
+        await slack.click("handrail_approve", approval_id, "UGUEST", card)
+    told = await slack.calls("chat.postEphemeral", lambda c: len(c) >= 3)
+    assert told[-1].params["text"].startswith("You can't approve this: you are a guest in this workspace")
+    assert [c.params["user"] for c in slack.fake.made("users.info")] == ["UGUEST"]
+    assert (await approvals.get(redis, keys, approval_id)).state == "pending"
+    base = {"command": "/handrail", "team_id": "T1", "channel_id": "CGEN", "trigger_id": "t1", "text": "threads"}
+    assert (await slack.form(base | {"user_id": "UCAROL"})).text == "No Slack threads you may see."
+    assert f"`{tid()}`" in (await slack.form(base | {"user_id": "UALICE"})).text  # an approver sees them all
+    assert (await slack.form(base | {"user_id": "UBOB", "team_id": "T2"})).text == "No Slack threads you may see."
+    # a member decides through slack:*, under their full name
+    await slack.click("handrail_approve", approval_id, "UCAROL", card)
+    await wait_for(slack.deps, tid(), status_is(Status.DONE))
+    record = await approvals.get(redis, keys, approval_id)
+    assert (record.state, record.by) == ("approved", "slack:T1:UCAROL")
+
+
+async def test_cancelling_a_thread_takes_the_buttons_off_its_pending_card(slack: Rig) -> None:
+    from bot import control
+
+    approval_id, _ = await approval_card(slack)
+    await control.cancel(slack.deps, tid(), by="api:ops")
+    [update] = await slack.calls("chat.update", lambda c: len(c) >= 1)
+    assert update.params["text"] == ":no_entry_sign: Cancelled by api:ops; nothing ran."
+    assert update.params["blocks"][-1] == section(update.params["text"]) | {"block_id": "verdict"}
+    assert not any(b["type"] == "actions" for b in update.params["blocks"])
+    told = await slack.posted(2)
+    assert told[1].params["text"] == "Cancelled by api:ops."
+    assert (await approvals.get(slack.deps.redis, slack.deps.keys, approval_id)).state == "cancelled"
+
+
+async def test_a_message_while_the_card_waits_is_recorded_and_its_sender_told_what_happens(slack: Rig) -> None:
+    approval_id, card = await approval_card(slack)
+    reply = {"type": "message", "channel_type": "channel", "channel": "CGEN", "user": "UBOB", "text": "any news?",
+             "ts": "1700000009.000100", "thread_ts": "1700000000.000100", "team": "T1"}  # fmt: skip
+    assert (await slack.event(reply)).status_code == 200
+    [noted] = await slack.calls("chat.postEphemeral", lambda c: len(c) >= 1)
+    assert noted.params == {
+        "channel": "CGEN", "user": "UBOB", "thread_ts": "1700000000.000100",
+        "text": "Noted. This thread waits for a decision on *issue_refund* (the card above); the agent reads your "
+                "message once it is approved or rejected.",
+    }  # fmt: skip
+
+    async def recorded() -> bool:
+        thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
+        return any(getattr(e, "text", "") == "any news?" for e in thread.events)
+
+    for _ in range(250):
+        if await recorded():
+            break
+        await asyncio.sleep(0.02)
+    thread = await threads.get(slack.deps.redis, slack.deps.keys, tid())
+    assert thread.status is Status.WAITING_APPROVAL and count(thread, "message.received") == 2
+    await slack.click("handrail_approve", approval_id, "UALICE", card)
+    await wait_for(slack.deps, tid(), status_is(Status.DONE))
+
+
+def test_the_readme_says_how_long_slack_delivery_is_retried() -> None:
+    from bot.outbox import backoff
+    from channels.slack.delivery import BASE_DELAY, MAX_ATTEMPTS
+    from tests.conftest import ROOT
+
+    waited = sum(backoff(n, BASE_DELAY, None) for n in range(1, MAX_ATTEMPTS))
+    assert 240 <= waited <= 360, waited
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{MAX_ATTEMPTS} attempts over about five minutes" in readme
 
 
 # -- delivery ---------------------------------------------------------------------------------------------------
@@ -336,7 +518,7 @@ async def test_rate_limits_and_server_errors_are_retried_until_delivered(slack: 
     assert [c.status for c in attempts] == [429, 503, 200]
     assert attempts[1].at - attempts[0].at >= 1.0  # Retry-After was honoured
     assert reply.params["thread_ts"] == "1700000000.000100"
-    receipts = await slack.deps.redis.hgetall(slack.deps.keys.receipts(tid()))
+    receipts = await receipts_of(slack.deps, tid())
     assert list(receipts.values()) == [b"1700000500.000001"]
     assert await slack.deps.redis.xlen(slack.deps.keys.dlq) == 0
     assert "HTTP 429 ratelimited" in caplog.text and "HTTP 503" in caplog.text
@@ -356,6 +538,48 @@ async def test_a_web_api_call_that_times_out_is_retried_until_delivered(
         assert attempts[1].at - attempts[0].at >= 1.0  # the first call was given up after the timeout
         assert reply.params["thread_ts"] == "1700000000.000100"
         assert await slack.deps.redis.xlen(slack.deps.keys.dlq) == 0
+
+
+async def test_a_message_posted_whose_answer_timed_out_is_not_posted_again(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any
+) -> None:
+    """Slack posted it but answered after the client gave up (a fractional timeout, honoured as given): the retry
+    finds the message by its metadata instead of posting a second copy, and keeps its ts as the receipt."""
+    monkeypatch.setenv("SLACK_API_TIMEOUT", "0.4")
+    async with rig(deps, monkeypatch, start_worker) as slack:
+        slack.fake.epoch = int(time.time())  # the look-up asks for messages since the first attempt
+        slack.fake.failures["chat.postMessage"] = [(-1, {"hang": "1.5"})]
+        t0 = time.monotonic()
+        await slack.event(mention("hello"))
+
+        receipts = await receipts_of(deps, tid())
+        assert time.monotonic() - t0 < 1.4, "the call was given up after 0.4 s, not a whole second or more"
+        [message] = slack.fake.messages
+        assert list(receipts.values()) == [message["ts"].encode()]
+        assert len(slack.fake.made("chat.postMessage", ok_only=False)) == 1, "the retry did not post"
+        [outbox_id] = [k.decode().removeprefix("slack:") for k in receipts]
+        assert message["metadata"] == {"event_type": "handrail_outbox", "event_payload": {"outbox_id": outbox_id}}
+        [lookup] = slack.fake.made("conversations.replies")
+        assert (lookup.params["channel"], lookup.params["ts"]) == ("CGEN", "1700000000.000100")
+        await asyncio.sleep(0.3)
+        assert len(slack.fake.messages) == 1 and await deps.redis.xlen(deps.keys.dlq) == 0
+
+
+async def test_a_top_level_message_whose_answer_was_lost_is_found_in_the_channel_history(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch, start_worker: Any
+) -> None:
+    monkeypatch.setenv("SLACK_API_TIMEOUT", "0.3")
+    async with rig(deps, monkeypatch, start_worker) as slack:
+        slack.fake.epoch = int(time.time())
+        slack.fake.failures["chat.postMessage"] = [(-1, {"hang": "1"})]
+        top = Outbound(id="e1", thread_id="api-1", ref=ChannelRef(kind="slack", address="CNEWS"), kind="text",
+                       text="the nightly report is ready")  # fmt: skip
+        await queue(deps, top)
+        receipts = await receipts_of(deps, "api-1")
+        [message] = slack.fake.messages
+        assert receipts == {b"slack:e1": message["ts"].encode()} and message["thread_ts"] is None
+        [lookup] = slack.fake.made("conversations.history")
+        assert lookup.params["channel"] == "CNEWS" and slack.fake.made("conversations.replies") == []
 
 
 def said(n: int, channel: str, thread_ts: str) -> Outbound:
@@ -472,6 +696,130 @@ async def test_malformed_payloads_get_400_and_unknown_events_are_ignored(slack: 
     assert await threads.recent_ids(slack.deps.redis, slack.deps.keys) == []
 
 
+def _action(**over: Any) -> dict[str, Any]:
+    return {"type": "block_actions", "user": {"id": "UALICE", "team_id": "T1"}, "team": {"id": "T1"},
+            "trigger_id": "trig", "channel": {"id": "CGEN"}, "message": {"ts": "1.1"},
+            "actions": [{"action_id": "handrail_approve", "value": "ap1"}]} | over  # fmt: skip
+
+
+def _view(**over: Any) -> dict[str, Any]:
+    return {"type": "view_submission", "user": {"id": "UALICE", "team_id": "T1"}, "team": {"id": "T1"},
+            "view": {"type": "modal", "callback_id": "handrail_reject_view", "private_metadata": "ap1",
+                     "state": {"values": {"reason": {"reason_input": {"value": "no"}}}}} | over}  # fmt: skip
+
+
+def _command(**over: str) -> dict[str, str]:
+    return {"command": "/handrail", "user_id": "UALICE", "team_id": "T1", "text": "", "trigger_id": "t"} | over
+
+
+async def nothing_recorded(deps: Deps) -> None:
+    assert await threads.recent_ids(deps.redis, deps.keys) == []
+    for p in range(deps.keys.partitions):
+        assert await deps.redis.xlen(deps.keys.inbound(p)) == 0
+
+
+async def test_signed_payloads_missing_fields_or_of_the_wrong_types_get_400_with_a_reason(slack: Rig) -> None:
+    message = mention("refund A100")
+    events = [
+        ({k: v for k, v in message.items() if k != "channel"}, "'event.channel' is missing"),
+        ({k: v for k, v in message.items() if k != "ts"}, "'event.ts' is missing"),
+        (message | {"ts": 1700000000.0001}, "'event.ts' must be a string"),
+        (message | {"user": 42}, "'event.user' must be a string"),
+        ({k: v for k, v in message.items() if k != "user"}, "'event.user' is missing"),
+        (message | {"text": "\ud800"}, "body is not valid"),
+    ]
+    for event, reason in events:
+        r = await slack.event(event)
+        assert r.status_code == 400 and r.json()["detail"].startswith(reason), (event, r.text)
+    forms: list[tuple[dict[str, str], str]] = [
+        ({"payload": json.dumps(_action(actions=[]))}, "'actions' must be a list of at least one action object"),
+        ({"payload": json.dumps(_action(actions=None))}, "'actions' must be a list"),
+        ({"payload": json.dumps(_action(actions=[{"action_id": "handrail_approve"}]))}, "'actions[0].value' must"),
+        ({"payload": json.dumps(_action(actions=[{"action_id": "x", "value": "a"}]))}, "action 'x' is not one of"),
+        ({"payload": json.dumps(_action(user=None))}, "'user.id' is missing"),
+        ({"payload": json.dumps(_action(user={"id": 7}))}, "'user.id' must be a string"),
+        ({"payload": json.dumps(_action(channel=None))}, "'channel.id' is missing"),
+        ({"payload": json.dumps(_view(private_metadata=None))}, "'view.private_metadata' must be the approval id"),
+        ({"payload": json.dumps(_view(private_metadata=5))}, "'view.private_metadata' must be the approval id"),
+        ({"payload": json.dumps(_view(state={"values": []}))}, "'view.state.values' must be an object of objects"),
+        ({"payload": json.dumps(_view(callback_id="other"))}, "view 'other' is not one of Handrail's"),
+        ({"payload": json.dumps({"type": "shortcut", "user": {"id": "U1"}})}, "interactivity of type 'shortcut'"),
+        (_command(command="/other"), "slash command '/other' is not handled"),
+        (_command(user_id=""), "'user_id' is missing"),
+    ]
+    for fields, reason in forms:
+        r = await slack.form(fields)
+        assert r.status_code == 400 and r.json()["detail"].startswith(reason), (fields, r.text)
+    await nothing_recorded(slack.deps)
+    assert [c.method for c in slack.fake.calls] == []  # nobody was told anything, not even privately
+
+
+def _mutants(rng: random.Random, doc: Any, depth: int = 0) -> Any:
+    """``doc`` with one random field removed or given a value of another type."""
+    odd = [None, 0, -1, 1.5, True, "", "\ud800", "x" * 3000, [], {}, [{}], {"id": None}, "<!channel>"]
+    if isinstance(doc, dict) and doc:
+        key = rng.choice(list(doc))
+        out = dict(doc)
+        roll = rng.random()
+        if roll < 0.3:
+            del out[key]
+        elif roll < 0.6 or depth > 4:
+            out[key] = rng.choice(odd)
+        else:
+            out[key] = _mutants(rng, doc[key], depth + 1)
+        return out
+    if isinstance(doc, list) and doc:
+        return [_mutants(rng, doc[0], depth + 1), *doc[1:]] if rng.random() < 0.7 else rng.choice(odd)
+    return rng.choice(odd)
+
+
+async def test_fuzzed_signed_payloads_never_get_a_5xx(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seeded fuzz over signed events, button clicks, modal submissions and commands (no worker, so whatever is
+    accepted stays on the inbound stream): zero 5xx, and a 400 records nothing."""
+    fake = FakeSlack()
+    await fake.start()
+    for name, value in {"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": fake.url}.items():
+        monkeypatch.setenv(name, value)
+    rng = random.Random(10)
+    dm = mention("hi") | {"type": "message", "channel_type": "im", "thread_ts": "1.1"}
+    templates: list[tuple[str, Any]] = [
+        ("event", {"type": "event_callback", "team_id": "T1", "event_id": "Ev", "event": mention("refund A100")}),
+        ("event", {"type": "event_callback", "team_id": "T1", "event_id": "Ev", "event": dm}),
+        ("payload", _action()), ("payload", _action(actions=[{"action_id": "handrail_edit", "value": "ap1"}])),
+        ("payload", _view()), ("payload", _view(callback_id="handrail_edit_view")), ("command", _command()),
+    ]  # fmt: skip
+    statuses: dict[int, int] = {}
+
+    async def recorded() -> int:
+        pipe = deps.redis.pipeline(transaction=False)
+        for p in range(deps.keys.partitions):
+            pipe.xlen(deps.keys.inbound(p))
+        return sum(await pipe.execute())
+
+    try:
+        async with web_client(deps) as http:
+            for _ in range(60):  # about 40 ms each here: a few seconds
+                kind, template = rng.choice(templates)
+                doc = _mutants(rng, template)
+                if kind == "event":
+                    body, ctype = json.dumps(doc).encode(), "application/json"
+                elif kind == "payload":
+                    body, ctype = urlencode({"payload": json.dumps(doc)}).encode(), "application/x-www-form-urlencoded"
+                else:
+                    fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items()}
+                    body = urlencode(fields, errors="surrogatepass").encode()
+                    ctype = "application/x-www-form-urlencoded"
+                before = await recorded()
+                r = await http.post("/slack/events", content=body, headers=signed(body) | {"Content-Type": ctype})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                assert r.status_code < 500, (doc, r.text)
+                if r.status_code == 400:
+                    assert await recorded() == before and r.json()["detail"], doc
+    finally:
+        await fake.stop()
+    assert statuses.get(400, 0) > 0 and statuses.get(200, 0) > 0, statuses
+
+
 def test_the_manifest_subscribes_to_what_the_app_handles() -> None:
     """The shipped manifest and the app agree: one request URL, the events we listen to, /handrail."""
     import yaml
@@ -488,7 +836,7 @@ def test_the_manifest_subscribes_to_what_the_app_handles() -> None:
         "app_mention", "message.im", "message.channels", "message.groups"
     }  # fmt: skip
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
-    assert {"app_mentions:read", "chat:write", "im:history", "channels:history", "commands"} <= scopes
+    assert {"app_mentions:read", "chat:write", "im:history", "channels:history", "commands", "users:read"} <= scopes
 
 
 async def test_socket_mode_events_are_recorded_then_acknowledged(deps: Deps, start_worker: Any) -> None:
@@ -544,3 +892,11 @@ def test_slack_settings_are_all_or_nothing_and_keep_secrets_out_of_sight() -> No
     assert TOKEN not in repr(full) and SECRET not in repr(full) and "xapp-1" not in repr(full)
     default = SlackSettings.from_env({"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET})
     assert default is not None and (default.app_token, default.api_url) == (None, "https://slack.com/api/")
+    from channels.slack.app import web_client as slack_client
+
+    base = {"SLACK_BOT_TOKEN": TOKEN, "SLACK_SIGNING_SECRET": SECRET}
+    fractional = SlackSettings.from_env(base | {"SLACK_API_TIMEOUT": "2.5"})
+    assert fractional is not None and slack_client(fractional).timeout == 2.5  # not truncated to 2
+    for bad in ("soon", "0", "-1", "nan"):
+        with pytest.raises(ConfigError, match="SLACK_API_TIMEOUT: expected seconds"):
+            SlackSettings.from_env(base | {"SLACK_API_TIMEOUT": bad})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -10,9 +11,11 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -23,15 +26,15 @@ from bot import control, threads
 from bot.config import Config
 from bot.errors import ConfigError
 from bot.events import ChannelRef, MessageReceived, Reply
-from bot.outbox import webhook_stream
 from bot.runtime import Deps
 from bot.settings import Settings
 from bot.threads import Status, Thread
-from channels.webhooks import SignatureError, deliver_all, sign, verify
+from channels.webhooks import BadSecret, SignatureError, deliver_all, sign, verify, webhook, webhook_stream
 from tests.conftest import status_is, wait_for, web_client
 
-SECRET = "whsec-subscribers-in-this-test"
-TRIGGER_SECRET = "trigger-secret-in-this-test"
+SECRET = "whsec_" + base64.b64encode(b"subscribers-in-this-test-0123").decode()
+TRIGGER_SECRET = "whsec_" + base64.b64encode(b"trigger-secret-in-this-test").decode()
+OTHER = "whsec_" + base64.b64encode(b"not-the-secret-at-all-0123").decode()
 ALICE = ChannelRef(kind="terminal", address="t", user="terminal:alice")
 THREE = ["approval.requested", "approval.decided", "thread.done"]
 
@@ -56,7 +59,7 @@ class Received:
 
     @property
     def delivery(self) -> str:
-        return self.headers["handrail-delivery"]
+        return self.headers["webhook-id"]
 
 
 class Receiver:
@@ -159,39 +162,60 @@ async def refunded(deps: Deps) -> Thread:
 
 # -- signing -----------------------------------------------------------------------------------------------------
 
-NOW = 1_700_000_000
+NOW = int(time.time())
 BODY = b'{"type":"thread.done","thread_id":"t1"}'
-GOOD = {"Handrail-Timestamp": str(NOW), "Handrail-Signature": sign(b"s3cret", NOW, BODY)}
+S3 = "whsec_" + base64.b64encode(b"s3cret-s3cret-s3cret-s3cret").decode()
+GOOD = {"webhook-id": "msg_1", "webhook-timestamp": str(NOW), "webhook-signature": sign(S3, "msg_1", NOW, BODY)}
 
 
-def test_the_signature_is_the_documented_hmac_and_verifies() -> None:
-    mac = hmac.new(b"s3cret", f"{NOW}.".encode() + BODY, hashlib.sha256).hexdigest()
-    assert GOOD["Handrail-Signature"] == f"v1={mac}"
-    verify(b"s3cret", GOOD, BODY, now=NOW + 299)
-    verify(b"s3cret", {k.lower(): v for k, v in GOOD.items()}, BODY, now=NOW)  # header names in any case
-    rotated = {**GOOD, "Handrail-Signature": f"v1={'0' * 64}, {GOOD['Handrail-Signature']}"}
-    verify(b"s3cret", rotated, BODY, now=NOW)  # a sender rotating secrets signs with both
+@pytest.fixture(autouse=True)
+def _signed_just_now(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signing tests' headers were made at import; the library's clock reads that moment, however long the
+    suite took to get here."""
+    if request.node.name.startswith(("test_the_signature", "test_verify_refuses")):
+        import standardwebhooks.webhooks as lib
+
+        frozen = datetime.fromtimestamp(NOW, tz=UTC)
+        monkeypatch.setattr(lib, "datetime", type("Frozen", (datetime,), {"now": staticmethod(lambda tz=None: frozen)}))
+
+
+def test_the_signature_is_standard_webhooks_over_id_timestamp_and_body() -> None:
+    mac = hmac.new(b"s3cret-s3cret-s3cret-s3cret", f"msg_1.{NOW}.".encode() + BODY, hashlib.sha256).digest()
+    assert GOOD["webhook-signature"] == "v1," + base64.b64encode(mac).decode()
+    verify(S3, GOOD, BODY)
+    verify(S3, {k.upper(): v for k, v in GOOD.items()}, BODY)  # header names in any case
+    rotated = {**GOOD, "webhook-signature": f"v1,{base64.b64encode(b'0' * 32).decode()} {GOOD['webhook-signature']}"}
+    verify(S3, rotated, BODY)  # a sender rotating secrets signs with both
 
 
 @pytest.mark.parametrize(
-    ("secret", "headers", "body", "now", "reason"),
+    ("secret", "headers", "body", "reason"),
     [
-        (b"s3cret", GOOD, BODY.replace(b"t1", b"t2"), NOW, "does not match"),  # tampered body
-        (b"other", GOOD, BODY, NOW, "does not match"),  # wrong secret
-        (b"s3cret", {**GOOD, "Handrail-Timestamp": str(NOW + 60)}, BODY, NOW, "does not match"),  # restamped
-        (b"s3cret", GOOD, BODY, NOW + 301, "301 s off this server's clock"),  # stale: a replay
-        (b"s3cret", GOOD, BODY, NOW - 301, "301 s off this server's clock"),  # from the future
-        (b"s3cret", {"Handrail-Timestamp": str(NOW)}, BODY, NOW, "missing Handrail-Signature"),
-        (b"s3cret", {"Handrail-Signature": GOOD["Handrail-Signature"]}, BODY, NOW, "missing Handrail-Timestamp"),
-        (b"s3cret", {**GOOD, "Handrail-Timestamp": "yesterday"}, BODY, NOW, "not unix seconds"),
-        (b"s3cret", {**GOOD, "Handrail-Signature": "v0=abc"}, BODY, NOW, "no v1= value"),
+        (S3, GOOD, BODY.replace(b"t1", b"t2"), "No matching signature"),  # tampered body
+        (OTHER, GOOD, BODY, "No matching signature"),  # wrong secret
+        (S3, {**GOOD, "webhook-id": "msg_2"}, BODY, "No matching signature"),  # a replay under a new id
+        (S3, {**GOOD, "webhook-timestamp": str(NOW + 60)}, BODY, "No matching signature"),  # restamped
+        (S3, {**GOOD, "webhook-timestamp": str(NOW - 301)}, BODY, "too old"),  # stale: a replay
+        (S3, {**GOOD, "webhook-timestamp": str(NOW + 301)}, BODY, "too new"),  # from the future
+        (S3, {k: v for k, v in GOOD.items() if k != "webhook-signature"}, BODY, "Missing required headers"),
+        (S3, {k: v for k, v in GOOD.items() if k != "webhook-id"}, BODY, "Missing required headers"),
+        (S3, {**GOOD, "webhook-timestamp": "yesterday"}, BODY, "Invalid Signature Headers"),
+        (S3, {**GOOD, "webhook-signature": "v1=abc"}, BODY, "malformed webhook-signature"),
+        (S3, GOOD, b"\xff" + BODY, "not UTF-8"),
     ],
-    ids=["tampered", "wrong-secret", "restamped", "stale", "future", "no-signature", "no-timestamp",
-         "bad-timestamp", "no-v1"],
+    ids=["tampered", "wrong-secret", "new-id", "restamped", "stale", "future", "no-signature", "no-id",
+         "bad-timestamp", "malformed", "not-utf8"],
 )  # fmt: skip
-def test_verify_refuses(secret: bytes, headers: dict[str, str], body: bytes, now: int, reason: str) -> None:
+def test_verify_refuses(secret: str, headers: dict[str, str], body: bytes, reason: str) -> None:
     with pytest.raises(SignatureError, match=reason):
-        verify(secret, headers, body, now=now)
+        verify(secret, headers, body)
+
+
+@pytest.mark.parametrize("secret", ["s3cret", "whsec_not*base64", "whsec_" + base64.b64encode(b"short").decode()])
+def test_a_secret_not_in_whsec_form_is_refused_without_showing_it(secret: str) -> None:
+    with pytest.raises(BadSecret) as caught:
+        webhook(secret)
+    assert secret.removeprefix("whsec_") not in str(caught.value)
 
 
 # -- outbound ----------------------------------------------------------------------------------------------------
@@ -212,9 +236,9 @@ async def test_a_refund_thread_reaches_its_subscribers_signed_and_in_order(
     got = await audit.wait_for(3)
     ids: dict[str, str] = {e.type: e.id for e in thread.events}
     for r, kind, source in zip(got, THREE, ["approval.requested", "approval.decided", "reply"], strict=True):
-        verify(SECRET.encode(), r.headers, r.body)
+        verify(SECRET, r.headers, r.body)
         with pytest.raises(SignatureError):
-            verify(b"not-the-secret", r.headers, r.body)
+            verify(OTHER, r.headers, r.body)
         body = r.json
         assert (r.event, r.headers["content-type"]) == (kind, "application/json")
         assert (body["type"], body["thread_id"], body["agent"]) == (kind, tid, "refund-desk")
@@ -241,7 +265,7 @@ async def test_a_failed_delivery_is_retried_with_the_same_delivery_id_and_order_
     assert [r.event for r in got] == ["approval.requested"] * 3 + THREE[1:]
     assert len({r.delivery for r in got[:3]}) == 1 and len({r.delivery for r in got}) == 3
     for r in got:
-        verify(SECRET.encode(), r.headers, r.body)
+        verify(SECRET, r.headers, r.body)
     await asyncio.sleep(0.3)
     assert len(audit.requests) == 5
     assert await deps.bus.dead_letters() == []
@@ -369,13 +393,12 @@ async def client(deps: Deps) -> AsyncIterator[httpx.AsyncClient]:
 def signed(
     payload: Any = None, *, raw: bytes | None = None, secret: str = TRIGGER_SECRET, delivery: str = "", at: int = 0
 ) -> dict[str, Any]:
-    """httpx keyword arguments for a POST signed like Handrail's own webhooks."""
+    """httpx keyword arguments for a POST signed as Standard Webhooks (a fresh id unless ``delivery`` is given)."""
     body = raw if raw is not None else json.dumps(payload).encode()
     stamp = at or int(time.time())
-    headers = {"Content-Type": "application/json", "Handrail-Timestamp": str(stamp),
-               "Handrail-Signature": sign(secret.encode(), stamp, body)}  # fmt: skip
-    if delivery:
-        headers["Handrail-Delivery"] = delivery
+    msg_id = delivery or f"msg_{uuid.uuid4().hex}"
+    headers = {"Content-Type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(stamp),
+               "webhook-signature": sign(secret, msg_id, stamp, body)}  # fmt: skip
     return {"content": body, "headers": headers}
 
 
@@ -395,6 +418,9 @@ async def test_a_signed_trigger_launches_a_thread_and_its_key_continues_it(
 
     again = await client.post("/hooks/orders", **signed(first, delivery="dlv-1"))  # a sender's retry
     assert (again.status_code, again.json()) == (202, {"thread_id": "hook-orders-A100", "duplicate": True})
+    # the same id with another thread key: a duplicate of the first delivery, and no second thread anywhere
+    reused = await client.post("/hooks/orders", **signed({"order": {"id": "Z9"}}, delivery="dlv-1"))
+    assert reused.json() == {"thread_id": "hook-orders-A100", "duplicate": True}
     second = await client.post("/hooks/orders", **signed({"order": {"id": "A100"}, "note": "second"}, delivery="d2"))
     assert second.json() == {"thread_id": "hook-orders-A100", "duplicate": False}
     other = await client.post("/hooks/orders", **signed({"order": {"id": "B7/x"}}, delivery="dlv-3"))
@@ -414,10 +440,11 @@ async def test_without_a_thread_key_a_repeated_body_is_a_duplicate_and_big_paylo
 ) -> None:
     await start_worker()
     payload = {"ticket": 42, "log": "x" * 20_000}
-    r = await client.post("/hooks/loose", **signed(payload))  # no Handrail-Delivery: the body's hash is the key
+    r = await client.post("/hooks/loose", **signed(payload, delivery="msg_42"))
     assert r.status_code == 202 and r.json()["duplicate"] is False
     tid = r.json()["thread_id"]
-    assert (await client.post("/hooks/loose", **signed(payload))).json() == {"thread_id": tid, "duplicate": True}
+    again = signed(payload, delivery="msg_42")
+    assert (await client.post("/hooks/loose", **again)).json() == {"thread_id": tid, "duplicate": True}
     another = await client.post("/hooks/loose", **signed({"ticket": 43}))
     assert another.json()["thread_id"] != tid
 
@@ -438,13 +465,17 @@ async def test_refused_trigger_requests_publish_nothing(deps: Deps, client: http
         detail: str = r.json()["detail"]
         return detail
 
-    assert "does not match" in await refused(401, **signed(ok, secret="not-the-secret"))
-    assert "off this server's clock" in await refused(401, **signed(ok, at=int(time.time()) - 3600))
-    assert await refused(401, content=json.dumps(ok).encode()) == "missing Handrail-Timestamp header"
+    assert "No matching signature" in await refused(401, **signed(ok, secret=OTHER))
+    assert "too old" in await refused(401, **signed(ok, at=int(time.time()) - 3600))
+    assert "Missing required headers" in await refused(401, content=json.dumps(ok).encode())
     tampered = signed(ok)
     tampered["content"] = json.dumps({"order": {"id": "A999"}}).encode()
-    assert "does not match" in await refused(401, **tampered)
+    assert "No matching signature" in await refused(401, **tampered)
+    replayed = signed(ok)  # captured, re-sent under a new id: the id is signed
+    replayed["headers"] = replayed["headers"] | {"webhook-id": "msg_new"}
+    assert "No matching signature" in await refused(401, **replayed)
     assert (await refused(400, **signed(raw=b"not json"))).startswith("body is not JSON: ")
+    assert "lone UTF-16 surrogate" in await refused(400, **signed(raw=b'{"order": {"id": "\\ud800"}}'))
     assert await refused(400, **signed([ok])) == "body must be a JSON object, not list"
     assert await refused(404, "nope", **signed(ok)) == "no trigger 'nope'"
     assert await refused(503, "unconfigured", **signed(ok)) == (
@@ -487,13 +518,13 @@ async def test_launched_and_decided_over_the_api_the_subscriber_hears_it_all_sig
     r = await client.post("/api/v1/threads", json={"agent": "refund-desk", "message": "refund A102 10"}, headers=auth)
     tid = r.json()["thread_id"]
     await audit.wait_for(1)
-    [pending] = (await client.get("/api/v1/approvals", headers=auth)).json()
+    [pending] = (await client.get("/api/v1/approvals", headers=auth)).json()["items"]
     r = await client.post(f"/api/v1/approvals/{pending['id']}/decision", json={"approved": True}, headers=auth)
     assert r.status_code == 200
     got = await audit.wait_for(3)
     assert [g.event for g in got] == THREE
     for g in got:
-        verify(SECRET.encode(), g.headers, g.body)
+        verify(SECRET, g.headers, g.body)
         assert g.json["thread_id"] == tid and g.json["type"] == g.event and g.delivery == g.json["id"]
     assert got[1].json["event"]["by"] == "api:ops"
     assert got[2].json["event"]["text"] == "Refunded $10.00 on order A102 (R-" + pending["id"][-6:] + ")."

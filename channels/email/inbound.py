@@ -18,13 +18,12 @@ from typing import Any
 
 import dkim
 
-from bot import approvals, control, threads
+from bot import approvals, control
 from bot.agent import ApprovalPolicy
 from bot.errors import HandrailError
-from bot.events import ChannelRef, HumanAnswered, new_id
+from bot.events import ChannelRef, new_id
 from bot.outbox import Outbound, outbox_command
 from bot.runtime import Deps
-from bot.threads import Status
 from channels.email import links
 from channels.email.delivery import KIND, NOTICE_PREFIX, approval_mail_key, last_in_key, msgid_key, remember
 from channels.email.mime import Incoming, parse
@@ -179,8 +178,7 @@ class EmailInbound:
 
     async def _converse(self, mail: Incoming, thread_id: str | None) -> Handled:
         deps, key = self.deps, f"email:{mail.message_id.lower()}"
-        thread = await threads.load(deps.redis, deps.keys, thread_id) if thread_id else None
-        if thread is None or not thread.events:
+        if thread_id is None or not await control.known(deps, thread_id):
             ours = next((a for a in mail.recipients if a.endswith("@" + self.settings.domain)), self.settings.address)
             to_address = re.sub(r"\+[^@]*@", "@", ours)
             agent = deps.agents.route(KIND, to_address)
@@ -188,14 +186,9 @@ class EmailInbound:
             await self._record_inbound(tid, mail)
             await control.launch(deps, agent, self._text(mail), self._ref(mail, to_address), thread_id=tid, key=key)
             return Handled("launched", agent, tid)
-        await self._record_inbound(thread.id, mail)
-        ref = self._ref(mail)
-        if thread.status is Status.WAITING_HUMAN:
-            await deps.bus.publish(HumanAnswered(thread_id=thread.id, key=key, text=self._text(mail), by=ref.user,
-                                                 ref=ref))  # fmt: skip
-            return Handled("answered", "", thread.id)
-        await control.send(deps, thread.id, self._text(mail), ref, key=key)
-        return Handled("sent", "", thread.id)
+        await self._record_inbound(thread_id, mail)
+        await control.receive(deps, thread_id, self._text(mail), self._ref(mail), key=key, start=False)
+        return Handled("sent", "", thread_id)  # an answer, if the thread waits on a human: the worker says
 
     async def _record_inbound(self, thread_id: str, mail: Incoming) -> None:
         await remember(self.deps, thread_id, mail.message_id)

@@ -5,21 +5,26 @@ sets the message aside, tries again later and dead-letters it only after many at
 ``dlq retry``), while other threads' messages go on. A message Slack will never take (``channel_not_found``,
 ``msg_too_long``, ``invalid_blocks``...) raises ``PermanentDeliveryError`` and is dead-lettered at once. The ts
 of each message sent is kept as its receipt, so a decision later finds its approval card and updates it in place.
+
+``chat.postMessage`` has no idempotency key, and a call that timed out may have been posted all the same. So each
+message carries its outbox id as message metadata, and each attempt is noted first: a message tried before is
+looked up (``conversations.replies`` in a thread, ``conversations.history`` at top level) before it is posted again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import threads
-from bot.errors import DeliveryFailed, PermanentDeliveryError
-from bot.events import ApprovalRequested
+from bot import approvals, threads
+from bot.errors import DeliveryFailed, NotFound, PermanentDeliveryError
+from bot.events import ApprovalDecided, ApprovalRequested, ThreadCancelled
 from bot.outbox import Deliver, Outbound, OutboxConsumer, Receipt
 from bot.runtime import Deps
 from channels.slack import cards
@@ -27,6 +32,13 @@ from channels.slack.app import KIND, web_client
 from channels.slack.settings import SlackSettings
 
 log = logging.getLogger(__name__)
+
+METADATA_TYPE = "handrail_outbox"  # the event_type of the metadata each message carries: its outbox id
+TRIED = "slack:tried"  # per-thread hash: outbox id -> when it was first tried (unix seconds)
+THREAD_KEY_SUFFIXES = (TRIED,)
+TRIED_TTL_S = 14 * 86_400  # bounded even where the retention sweep does not know this key
+LOOKUP_SLACK_S = 120.0  # look this far before the first attempt: the two clocks differ
+LOOKUP_PAGES = 5
 
 MAX_ATTEMPTS = 12  # with the backoff below: about five minutes of Slack being down before a dead letter
 BASE_DELAY = 0.5
@@ -82,32 +94,115 @@ def sender(deps: Deps, client: AsyncWebClient) -> Deliver:
         thread_ts = (msg.ref.model_extra or {}).get("thread_ts")
         if msg.kind == "approval_update" and msg.approval:
             return await _update_card(deps, client, msg, channel, thread_ts)
+        if msg.kind == "text" and msg.text.startswith("Cancelled by"):  # the core's words: only then load the log
+            await _cancel_card(deps, client, msg, channel, thread_ts)
         blocks = cards.request_card(msg.approval) if msg.kind == "approval_request" and msg.approval else None
         text = f":warning: {msg.text}" if msg.kind == "error" else msg.text
-        sent = await _call("chat.postMessage", client.chat_postMessage(
-            channel=channel, thread_ts=thread_ts, text=text, blocks=blocks))  # fmt: skip
-        return Receipt(channel_id=str(sent["ts"]))
+        return await post_once(deps, client, msg, channel, thread_ts, text=text, blocks=blocks)
 
     return deliver
 
 
+def metadata(outbox_id: str) -> dict[str, Any]:
+    return {"event_type": METADATA_TYPE, "event_payload": {"outbox_id": outbox_id}}
+
+
+async def post_once(
+    deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None, *, text: str,
+    blocks: list[dict[str, Any]] | None = None,
+) -> Receipt:  # fmt: skip
+    """chat.postMessage at most once per outbox message: a message tried before is first looked for in Slack."""
+    tried = deps.keys.thread_key(msg.thread_id, TRIED)
+    first = await deps.redis.hget(tried, msg.id)
+    if first is not None:
+        try:
+            ts = await _find(client, channel, thread_ts, msg.id, since=float(first) - LOOKUP_SLACK_S)
+        except PermanentDeliveryError as exc:  # this channel's history cannot be read: a repeat beats a loss
+            log.warning("slack: could not look for %s before posting it again (%s)", msg.id, exc.reason)
+            ts = None
+        if ts is not None:
+            log.info("slack: %s was posted by an attempt whose answer was lost; not posting it again", msg.id)
+            return Receipt(channel_id=ts)
+    else:
+        pipe = deps.redis.pipeline(transaction=True)
+        pipe.hset(tried, msg.id, f"{time.time():.3f}")
+        pipe.expire(tried, TRIED_TTL_S)
+        await pipe.execute()
+    sent = await _call("chat.postMessage", client.chat_postMessage(
+        channel=channel, thread_ts=thread_ts, text=text, blocks=blocks, metadata=metadata(msg.id)))  # fmt: skip
+    return Receipt(channel_id=str(sent["ts"]))
+
+
+async def _find(
+    client: AsyncWebClient, channel: str, thread_ts: str | None, outbox_id: str, since: float
+) -> str | None:
+    """The ts of our message carrying ``outbox_id``, posted since ``since`` (None: not there)."""
+    cursor = None
+    for _ in range(LOOKUP_PAGES):
+        common: dict[str, Any] = {"channel": channel, "oldest": f"{max(0.0, since):.6f}", "limit": 200,
+                                  "include_all_metadata": True, "cursor": cursor}  # fmt: skip
+        if thread_ts:
+            page = await _call("conversations.replies", client.conversations_replies(ts=thread_ts, **common))
+        else:
+            page = await _call("conversations.history", client.conversations_history(**common))
+        for m in page.get("messages") or []:
+            if m.get("metadata") == metadata(outbox_id):
+                return str(m["ts"])
+        cursor = (page.get("response_metadata") or {}).get("next_cursor")
+        if not cursor:
+            return None
+    return None  # not in the newest pages: posting again is the lesser harm than never posting
+
+
 async def _update_card(
     deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None
-) -> Receipt:
-    """Replace the card's buttons by the verdict; found through the receipt of the request's message."""
+) -> Receipt | None:
+    """Replace the card's buttons by the verdict; found through the receipt of the request's message. The card
+    then shows the call that ran: the approver's edited arguments, if they edited them."""
     assert msg.approval is not None
+    aid = str(msg.approval["id"])
     thread = await threads.load(deps.redis, deps.keys, msg.thread_id)
-    request = next(
-        (e for e in thread.events if isinstance(e, ApprovalRequested) and e.approval_id == msg.approval["id"]), None
-    )
+    request = next((e for e in thread.events if isinstance(e, ApprovalRequested) and e.approval_id == aid), None)
+    decided = next((e for e in thread.events if isinstance(e, ApprovalDecided) and e.approval_id == aid), None)
+    update = dict(msg.approval)
+    args = request.args if request is not None else {}
+    if decided is not None and decided.approved and decided.args is not None and decided.args != args:
+        args, update["edited"] = decided.args, True
+    return await update_card(deps, client, msg, channel, thread_ts, request, args, update)
+
+
+async def _cancel_card(deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None) -> None:
+    """A thread cancelled while its card waited: the card loses its buttons and says who cancelled it. Done before
+    the "Cancelled by" message goes out; chat.update is idempotent, so a retry does it again harmlessly."""
+    thread = await threads.load(deps.redis, deps.keys, msg.thread_id)
+    cancel = next((e for e in thread.events if e.id == msg.id and isinstance(e, ThreadCancelled)), None)
+    if cancel is None:
+        return
+    before = thread.events[: thread.events.index(cancel)]
+    request = next((e for e in reversed(before) if isinstance(e, ApprovalRequested)), None)
+    if request is None or any(isinstance(e, ApprovalDecided) and e.approval_id == request.approval_id for e in before):
+        return
+    try:
+        record = await approvals.get(deps.redis, deps.keys, request.approval_id)
+    except NotFound:
+        return
+    if record.state != "cancelled":
+        return  # decided first: that decision's own update tells it
+    update = {"id": request.approval_id, "cancelled_by": cancel.by or ""}
+    await update_card(deps, client, msg, channel, thread_ts, request, request.args, update, post_if_missing=False)
+
+
+async def update_card(
+    deps: Deps, client: AsyncWebClient, msg: Outbound, channel: str, thread_ts: str | None,
+    request: ApprovalRequested | None, args: dict[str, Any], update: dict[str, Any], *, post_if_missing: bool = True,
+) -> Receipt | None:  # fmt: skip
     ts = None
     if request is not None:
         ts = await deps.redis.hget(deps.keys.receipts(msg.thread_id), f"{KIND}:{request.id}")
-    text = cards.verdict(msg.approval)
+    text = cards.verdict(update)
     if request is None or ts is None:  # the card never went out (dead-lettered): say it in the thread instead
-        sent = await _call("chat.postMessage", client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text))
-        return Receipt(channel_id=str(sent["ts"]))
-    blocks = cards.decided_card(request.tool, request.args, request.reason, msg.approval)
+        return await post_once(deps, client, msg, channel, thread_ts, text=text) if post_if_missing else None
+    blocks = cards.decided_card(request.approval_id, request.tool, args, request.reason, update)
     done = await _call("chat.update", client.chat_update(channel=channel, ts=ts.decode(), text=text, blocks=blocks))
     return Receipt(channel_id=str(done["ts"]))
 

@@ -18,6 +18,8 @@ class SlackSettings:
     app_token: str | None = field(default=None, repr=False)  # set: also receive events over Socket Mode
     api_url: str = DEFAULT_API_URL  # tests point this at a local fake of the Web API
     api_timeout: float = 30.0  # seconds to wait for a Web API answer before the call counts as failed (retried)
+    allow_guests: bool = False  # SLACK_ALLOW_GUESTS: may `slack:*` stand for guests of the workspace too?
+    admins: tuple[str, ...] = ()  # SLACK_ADMINS: identities that see every Slack thread in `/handrail threads`
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SlackSettings | None:
@@ -35,5 +37,15 @@ class SlackSettings:
         try:
             timeout = float(raw_timeout)
         except ValueError:
+            timeout = float("nan")
+        if not 0 < timeout < 3600:  # nan fails this too
             raise ConfigError("environment", "SLACK_API_TIMEOUT", f"expected seconds, got {raw_timeout!r}") from None
-        return cls(token, secret, env.get("SLACK_APP_TOKEN") or None, api_url.rstrip("/") + "/", timeout)
+        guests = (env.get("SLACK_ALLOW_GUESTS") or "false").strip().lower()
+        if guests not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError("environment", "SLACK_ALLOW_GUESTS", f"expected true or false, got {guests!r}")
+        admins = tuple(a.strip() for a in (env.get("SLACK_ADMINS") or "").split(",") if a.strip())
+        for a in admins:
+            if not a.startswith("slack:") or a == "slack:*":
+                raise ConfigError("environment", "SLACK_ADMINS", f"expected slack:T…:U… or slack:U… names, got {a!r}")
+        return cls(token, secret, env.get("SLACK_APP_TOKEN") or None, api_url.rstrip("/") + "/", timeout,
+                   guests in ("true", "1", "yes"), admins)  # fmt: skip
