@@ -1,4 +1,5 @@
-"""First run: `handrail up` and `handrail web` refuse a taken port at once, in one line, leaving nothing behind."""
+"""First run: `make run` installs only what Handrail needs and says what it is doing; `handrail up` and `handrail web`
+refuse a taken port at once, in one line, leaving nothing behind."""
 
 from __future__ import annotations
 
@@ -67,3 +68,29 @@ async def test_when_one_part_fails_to_start_the_others_stop_and_the_command_fail
     with pytest.raises(click.ClickException, match=r"Handrail could not start \(exit 3; the reason is above\)"):
         await asyncio.wait_for(_until_stopped(web, worker), 5)
     assert stopped.is_set(), "the worker was told to stop"
+
+
+def dry_run(target: str, venv: Path) -> list[str]:
+    """The commands `make TARGET` runs on a machine without ``venv`` (make -n prints them and runs nothing)."""
+    r = subprocess.run(["make", "-n", f"VENV={venv}", "PYTHON=python3", target], cwd=ROOT, capture_output=True,
+                       text=True, timeout=30, check=True)  # fmt: skip
+    return r.stdout.replace(str(venv), "V").splitlines()
+
+
+def test_make_run_installs_handrail_without_the_test_tools_saying_what_each_slow_step_does(tmp_path: Path) -> None:
+    assert dry_run("run", tmp_path / "venv") == [
+        'echo "Creating V, a Python environment of Handrail\'s own…"',
+        "python3 -m venv V",
+        "V/bin/pip --disable-pip-version-check install --quiet --upgrade pip",
+        'echo "Installing Handrail\'s dependencies (about a minute)…"',
+        "V/bin/pip --disable-pip-version-check install --progress-bar on -e .",  # not quiet: a line per package
+        "touch V/.installed-runtime",
+        "V/bin/handrail up",
+    ]
+
+
+@pytest.mark.parametrize("target", ["test", "lint", "bench"])
+def test_make_test_lint_and_bench_install_the_test_tools(tmp_path: Path, target: str) -> None:
+    steps = dry_run(target, tmp_path / "venv")
+    assert "V/bin/pip --disable-pip-version-check install --progress-bar on -e '.[dev]'" in steps
+    assert steps[steps.index("python3 -m venv V") - 1].startswith("echo ")
