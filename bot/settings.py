@@ -58,8 +58,10 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
         parts.port  # noqa: B018  (raises on a port that is not a number)
     except ValueError:
         parts = None
-    if parts is None or parts.scheme.lower() not in ("redis", "rediss", "unix"):
-        # the value itself is not shown: a URL that does not parse may show its password anywhere
+    db = parts.path.strip("/") if parts is not None and parts.scheme.lower() != "unix" else ""
+    if parts is None or parts.scheme.lower() not in ("redis", "rediss", "unix") or not (db == "" or db.isdigit()):
+        # not shown: a URL that does not parse may show its password anywhere (and redis-py would quietly take
+        # database 0 for a path that is not a number)
         raise ConfigError("environment", "REDIS_URL", "expected redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://… or "
                           "unix://[:PASSWORD@]/PATH; %-encode any / ? # @ : in the password")  # fmt: skip
     return raw

@@ -67,7 +67,10 @@ def test_settings_repr_has_no_redis_url() -> None:
     assert "s3cret" not in repr(settings) and settings.redis_url == "redis://:s3cret@db:6379/0"
 
 
-@pytest.mark.parametrize("url", ["redis://:s3/cr3t@db:6379/0", "redis://:s3#cr3t@db:6379/0", "http://:s3cr3t@db:6379"])
+@pytest.mark.parametrize(
+    "url",
+    ["redis://:s3/cr3t@db:6379/0", "redis://:s3#cr3t@db:6379/0", "http://:s3cr3t@db:6379", "redis://:s3cr3t@db/x"],
+)
 def test_a_redis_url_that_does_not_parse_is_refused_without_being_shown(url: str) -> None:
     with pytest.raises(ConfigError, match="REDIS_URL") as refused:
         Settings.from_env({"REDIS_URL": url})
