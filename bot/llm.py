@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import string
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from bot.agent import AskHuman, CallTool, Malformed, SendReply, StepOutcome
 from bot.context import render, request_sha
 from bot.errors import ModelNotConfigured, ModelRefused, ModelUnavailableError
 from bot.events import Event, LLMInfo
+from bot.redact import redact
 from bot.tools import Tool
 
 # The two ways to end a turn, offered to the model next to the agent's own tools.
@@ -141,7 +141,6 @@ class LLMStep:
 
 # 408 timeout, 409 conflict, 425 too early, 429 rate limit: the same request can succeed later.
 _RETRYABLE = frozenset({408, 409, 425, 429})
-_SECRETISH = re.compile(r"\b(sk|pk|rk|key|token|xox[a-z])[-_A-Za-z0-9]{8,}", re.IGNORECASE)
 
 
 def classify(litellm: Any, exc: Exception, model: str) -> Exception:
@@ -163,7 +162,7 @@ def classify(litellm: Any, exc: Exception, model: str) -> Exception:
 def _short(exc: Exception, limit: int = 300) -> str:
     """The provider's message, cut short and with anything that looks like a key masked."""
     text = " ".join(str(exc).split())
-    text = _SECRETISH.sub("[redacted]", text)
+    text = redact(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -52,6 +52,7 @@ from bot.plan import (
     next_action,
     repeated_call,
 )
+from bot.redact import redact
 from bot.threads import Status, Thread
 from bot.tools import ToolContext
 
@@ -303,16 +304,15 @@ class Runner:
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=True, result=_jsonable(value))
         except TimeoutError as exc:
             if not deadline.expired():  # the tool's own time-out, reported like any failure of the tool
-                error = f"{type(exc).__name__}: {exc}"
+                error = _failure(exc)
             else:
                 log.warning("thread %s: tool %s timed out after %gs", thread.id, call.tool, seconds)
                 error = f"timed out after {seconds:g} s (it may or may not have taken effect)"
             result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=error)
         except Exception as exc:  # a tool's failure is the agent's information, not the runtime's crash
-            log.info("thread %s: tool %s failed: %s", thread.id, call.tool, exc)
-            result = ToolResult(
-                thread_id=thread.id, call_id=call.call_id, ok=False, error=f"{type(exc).__name__}: {exc}"
-            )
+            error = _failure(exc)
+            log.info("thread %s: tool %s failed: %s", thread.id, call.tool, error)
+            result = ToolResult(thread_id=thread.id, call_id=call.call_id, ok=False, error=error)
         tx.add(result)
         await tx.flush()  # recorded after it ran: from here on, nothing runs it again
 
@@ -426,6 +426,12 @@ async def _step(agent: Agent, events: list[Event], turn: Turn) -> StepOutcome | 
         raise ModelUnavailableError(f"no answer within {agent.step_timeout:g} s") from None
     finally:
         turn.stepping = None
+
+
+def _failure(exc: BaseException) -> str:
+    """A tool's exception as stored, shown to the model and sent to webhooks: credentials redacted (HTTP clients
+    put the URL they called, tokens and all, in their errors)."""
+    return redact(f"{type(exc).__name__}: {exc}")
 
 
 def answer(message: MessageReceived) -> HumanAnswered:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bot.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str | None  # None: start the embedded Redis, keeping its data under data_dir
+    redis_url: str | None = field(repr=False)  # None: the embedded Redis, data under data_dir; may hold a password
     config_path: Path
     data_dir: Path
     prompts_dir: Path = Path("prompts")
@@ -31,7 +32,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         return cls(
-            redis_url=env.get("REDIS_URL") or None,
+            redis_url=_redis_url(env),
             config_path=Path(env.get("HANDRAIL_CONFIG", "config/handrail.yaml")),
             data_dir=Path(env.get("HANDRAIL_DATA", ".handrail")),
             prompts_dir=Path(env.get("HANDRAIL_PROMPTS", "prompts")),
@@ -46,6 +47,24 @@ class Settings:
             redis_retry_ms=_int(env, "HANDRAIL_REDIS_RETRY_MS", 1000, 0, 600_000),
             allow_eviction=_flag(env, "HANDRAIL_ALLOW_EVICTION"),
         )
+
+
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("REDIS_URL") or None
+    if raw is None:
+        return None
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError:
+        parts = None
+    db = parts.path.strip("/") if parts is not None and parts.scheme.lower() != "unix" else ""
+    if parts is None or parts.scheme.lower() not in ("redis", "rediss", "unix") or not (db == "" or db.isdigit()):
+        # not shown: a URL that does not parse may show its password anywhere (and redis-py would quietly take
+        # database 0 for a path that is not a number)
+        raise ConfigError("environment", "REDIS_URL", "expected redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://… or "
+                          "unix://[:PASSWORD@]/PATH; %-encode any / ? # @ : in the password")  # fmt: skip
+    return raw
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:

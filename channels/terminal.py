@@ -7,9 +7,12 @@ Messages go onto the inbound stream like any channel's; what the agent says come
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
+import threading
 from collections.abc import AsyncIterator
-from typing import TextIO
+from typing import Any, TextIO
 
 import yaml
 
@@ -53,13 +56,7 @@ class TerminalChat:
         if msg.thread_id != self.thread_id:
             return None
         if msg.kind == "approval_request" and msg.approval:
-            self.pending_approval = msg.approval["id"]
-            args = yaml.safe_dump(msg.approval["args"], sort_keys=False).strip().replace("\n", "\n    ")
-            self.say(f"\n⏸  {self.agent} wants to run {msg.approval['tool']}:\n    {args}")
-            if msg.approval.get("reason"):
-                self.say(f"   why: {msg.approval['reason']}")
-            self.say(f"   approvers: {', '.join(msg.approval['approvers'])}   [approval {msg.approval['id']}]")
-            self.say("   approve: y    reject: n <reason>")
+            self.card(msg.approval)
         elif msg.kind == "approval_update":
             if msg.approval and msg.approval.get("id") == self.pending_approval:
                 self.pending_approval = None
@@ -71,6 +68,16 @@ class TerminalChat:
         else:
             self.say(f"{self.agent}: {msg.text}")
         return Receipt(channel_id=f"{KIND}:{self.thread_id}:{msg.id}")
+
+    def card(self, approval: dict[str, Any]) -> None:
+        """What a pending approval will run, who may decide it, and how to answer."""
+        self.pending_approval = approval["id"]
+        args = yaml.safe_dump(approval["args"], sort_keys=False).strip().replace("\n", "\n    ")
+        self.say(f"\n⏸  {self.agent} wants to run {approval['tool']}:\n    {args}")
+        if approval.get("reason"):
+            self.say(f"   why: {approval['reason']}")
+        self.say(f"   approvers: {', '.join(approval['approvers'])}   [approval {approval['id']}]")
+        self.say("   approve: y    reject: n <reason>")
 
     async def status(self) -> Status | None:
         thread = await threads.load(self.deps.redis, self.deps.keys, self.thread_id)
@@ -164,8 +171,10 @@ class TerminalChat:
                 thread = await threads.get(self.deps.redis, self.deps.keys, self.thread_id)
                 for e in thread.events:
                     self.say(line(e))
-                open_request = thread.open_approval()
-                self.pending_approval = open_request.approval_id if open_request else None
+                request = thread.open_approval()
+                if request is not None:  # its card went out before this session: show it again
+                    self.card({"id": request.approval_id, "tool": request.tool, "args": request.args,
+                               "reason": request.reason, "approvers": request.approvers})  # fmt: skip
             self.say(f"Chatting with {self.agent} as {self.identity} (thread {self.thread_id}). /help for help.")
             async for text in lines:
                 await self.settle()
@@ -179,17 +188,47 @@ class TerminalChat:
 
 
 async def stdin_lines(prompt: str = "> ") -> AsyncIterator[str]:
-    """Lines from standard input without blocking the event loop; a prompt only on a terminal."""
+    """Lines from standard input without blocking the event loop; a prompt only on a terminal.
+
+    Each read runs in a daemon thread of its own, never in the loop's executor: asyncio.run waits for its
+    executor at exit, so Ctrl-C would end the chat only after the next Enter.
+    """
     loop = asyncio.get_running_loop()
     interactive = sys.stdin.isatty()
     while True:
-        try:
-            text = await loop.run_in_executor(None, lambda: input(prompt) if interactive else sys.stdin.readline())
-        except EOFError:
-            return
-        if not interactive and text == "":
+        line: asyncio.Future[str | None] = loop.create_future()
+        threading.Thread(target=_read_line, args=(loop, line, prompt if interactive else None), daemon=True).start()
+        text = await line
+        if text is None:
             return
         yield text.rstrip("\n")
+
+
+def _read_line(loop: asyncio.AbstractEventLoop, line: asyncio.Future[str | None], prompt: str | None) -> None:
+    """One line into ``line`` (None at the end of input); ``prompt`` None reads a pipe or file, unprompted."""
+    try:
+        text: str | None = input(prompt) if prompt is not None else _read_fd_line()
+    except (EOFError, OSError, ValueError):
+        text = None
+    with contextlib.suppress(RuntimeError):  # the loop has closed: the chat ended meanwhile
+        loop.call_soon_threadsafe(_settle, line, text)
+
+
+def _settle(line: asyncio.Future[str | None], text: str | None) -> None:
+    if not line.done():  # a cancelled read (Ctrl-C) takes no line
+        line.set_result(text)
+
+
+def _read_fd_line() -> str | None:
+    """A line read from fd 0 byte by byte: no lock of sys.stdin's buffer is held by a thread blocked here, which
+    would stop the interpreter from exiting after Ctrl-C."""
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            break
+        data += byte
+    return data.decode(errors="replace") if data else None
 
 
 __all__ = ["TerminalChat", "stdin_lines"]

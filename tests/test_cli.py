@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -145,7 +146,7 @@ def test_help_lists_the_commands_and_a_subcommand_help_describes_its_verbs(env_f
         assert re.search(rf"^\s+{verb}\s+\S", verbs, re.M), verbs
     approve = succeeded(run_cli(env, "approvals", "approve", "--help"))
     assert "Usage: python -m bot.cli approvals approve [OPTIONS] APPROVAL_ID" in approve
-    assert "--as TEXT" in approve and "--args TEXT" in approve and "Approve a pending tool call" in approve
+    assert "--as terminal:NAME" in approve and "--args TEXT" in approve and "Approve a pending tool call" in approve
 
     unknown = run_cli(env, "frobnicate")
     assert unknown.returncode == 2 and "No such command 'frobnicate'" in unknown.stderr
@@ -190,6 +191,53 @@ async def test_chat_shows_the_approval_card_then_the_approval_then_the_reply(
     assert list((await ledger(deps)).values()) == [f"A100:2500:R-{approval_id[-6:]}".encode()]
     groups = [g["name"].decode() for g in await deps.redis.xinfo_groups(deps.keys.outbox("terminal"))]
     assert f"chat:{tid}" not in groups, "the chat session removes its consumer group when it ends"
+
+
+async def test_chat_on_a_thread_waiting_for_approval_shows_its_card_and_takes_the_decision(
+    deps: Deps, env_for: Env, start_worker: Any
+) -> None:
+    env = env_for()
+    await start_worker()
+    tid, approval_id = await pending_refund(deps, env)
+    out = succeeded(await handrail(env, "chat", "--thread", tid, "--as", "terminal:alice", stdin="y\n"))
+    in_order(
+        out,
+        "approval requested for issue_refund",  # the timeline so far
+        "refund-desk wants to run issue_refund:",  # then the card it is waiting on
+        "order_id: A100",
+        "amount_cents: 2500",
+        f"approvers: terminal:alice, api:ops   [approval {approval_id}]",
+        "approve: y    reject: n <reason>",
+        f"Chatting with refund-desk as terminal:alice (thread {tid})",
+        "✔ Approved by terminal:alice",
+        "refund-desk: Refunded $25.00 on order A100",
+    )
+    await wait_for(deps, tid, status_is(Status.DONE))
+
+
+def test_ctrl_c_ends_a_chat_at_once_while_it_waits_for_a_line(env_for: Env) -> None:
+    proc = subprocess.Popen(
+        [python(), "-m", "bot.cli", "chat", "--as", "terminal:alice"], cwd=ROOT, env=env_for(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("Chatting with refund-desk"), "the chat did not start"
+        time.sleep(0.2)  # into the read of the first line
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(10)
+        took = time.monotonic() - interrupted
+        stderr = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert code == 130 and "Traceback" not in stderr and "Aborted" not in stderr, (code, stderr)
+    assert took < 2, f"Ctrl-C took {took:.1f} s to end the chat (stdin is still open: no Enter came)"
 
 
 async def test_chat_rejection_with_a_reason_reaches_the_agent_which_says_so(
@@ -318,10 +366,10 @@ async def test_threads_pause_resume_and_cancel_move_the_thread(deps: Deps, env_f
     await wait_for(deps, tid, status_is(Status.PAUSED))
     assert succeeded(await handrail(env, "threads", "resume", tid, "--as", "terminal:alice")) == f"resume: {tid}\n"
     await wait_for(deps, tid, status_is(Status.WAITING_APPROVAL))
-    assert succeeded(await handrail(env, "threads", "cancel", tid, "--as", "api:ops")) == f"cancel: {tid}\n"
+    assert succeeded(await handrail(env, "threads", "cancel", tid, "--as", "terminal:bob")) == f"cancel: {tid}\n"
     thread = await wait_for(deps, tid, status_is(Status.CANCELLED))
     assert [e.type for e in thread.events][-3:] == ["thread.paused", "thread.resumed", "thread.cancelled"]
-    assert [getattr(e, "by", None) for e in thread.events[-3:]] == ["terminal:alice", "terminal:alice", "api:ops"]
+    assert [getattr(e, "by", None) for e in thread.events[-3:]] == ["terminal:alice", "terminal:alice", "terminal:bob"]
     listed = succeeded(await handrail(env, "threads", "list"))
     assert listed.split()[:3] == [tid, "refund-desk", "cancelled"]
 
@@ -366,12 +414,12 @@ async def test_approvals_list_then_approve_and_a_second_approve_is_refused(
     assert isinstance(thread.events[-1], Reply) and thread.events[-1].text.startswith("Refunded $25.00 on order A100")
     assert len(await ledger(deps)) == 1
 
-    again = await handrail(env, "approvals", "approve", approval_id, "--as", "api:ops")
+    again = await handrail(env, "approvals", "approve", approval_id, "--as", "terminal:alice")
     failed_cleanly(again, "already approved by terminal:alice at ")
     assert succeeded(await handrail(env, "approvals", "list")) == "no pending approvals\n"
     await asyncio.sleep(0.2)
     assert len(await ledger(deps)) == 1, "the refund ran once"
-    failed_cleanly(await handrail(env, "approvals", "approve", "nope", "--as", "api:ops"), "no such approval")
+    failed_cleanly(await handrail(env, "approvals", "approve", "nope", "--as", "terminal:alice"), "no such approval")
 
 
 async def test_approvals_reject_sends_the_reason_and_a_non_approver_is_refused(
@@ -384,17 +432,18 @@ async def test_approvals_reject_sends_the_reason_and_a_non_approver_is_refused(
     refused = await handrail(env, "approvals", "approve", approval_id, "--as", "terminal:mallory")
     failed_cleanly(refused, "Error: you are not allowed to decide this approval")
     assert (await approvals.get(deps.redis, deps.keys, approval_id)).state == "pending"
-    refused = await handrail(env, "approvals", "reject", approval_id, "--reason", "why not", "--as", "slack:alice")
+    refused = await handrail(env, "approvals", "reject", approval_id, "--reason", "why not", "--as", "terminal:bob")
     failed_cleanly(refused, "not allowed")
 
     rejected = await handrail(
-        env, "approvals", "reject", approval_id, "--reason", "order already refunded", "--as", "api:ops"
+        env, "approvals", "reject", approval_id, "--reason", "order already refunded", "--as", "terminal:alice"
     )
-    assert succeeded(rejected) == "rejected by api:ops\n"
+    assert succeeded(rejected) == "rejected by terminal:alice\n"
     thread = await wait_for(deps, tid, status_is(Status.DONE))
-    assert thread.events[-1].text == "OK, I did not refund it. api:ops rejected the refund: order already refunded"  # type: ignore[union-attr]
+    said = "OK, I did not refund it. terminal:alice rejected the refund: order already refunded"
+    assert thread.events[-1].text == said  # type: ignore[union-attr]
     assert await ledger(deps) == {}
-    missing_reason = await handrail(env, "approvals", "reject", approval_id, "--as", "api:ops")
+    missing_reason = await handrail(env, "approvals", "reject", approval_id, "--as", "terminal:alice")
     assert missing_reason.returncode == 2 and "Missing option '--reason'" in missing_reason.stderr
 
 
@@ -419,6 +468,28 @@ async def test_approve_with_edited_args_runs_the_edited_call_and_bad_args_are_re
     thread = await wait_for(deps, tid, status_is(Status.DONE))
     assert thread.events[-1].text.startswith("Refunded $10.00 on order A100")  # type: ignore[union-attr]
     assert [v.split(b":")[1] for v in (await ledger(deps)).values()] == [b"1000"]
+
+
+@pytest.mark.parametrize("identity", ["api:ops", "slack:UALICE", "email:alice@example.org", "terminal:", "alice"])
+async def test_as_takes_only_a_terminal_identity_and_a_refusal_decides_nothing(
+    deps: Deps, env_for: Env, start_worker: Any, identity: str
+) -> None:
+    env = env_for()
+    await start_worker()
+    tid, approval_id = await pending_refund(deps, env)
+    commands = [
+        ["approvals", "approve", approval_id, "--as", identity],
+        ["approvals", "reject", approval_id, "--reason", "no", "--as", identity],
+        ["threads", "cancel", tid, "--as", identity],
+        ["threads", "launch", "hi", "--agent", "refund-desk", "--as", identity],
+        ["chat", "--as", identity],
+    ]
+    for r in await asyncio.gather(*(handrail(env, *c, stdin="hi\n") for c in commands)):
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert f"Invalid value for '--as': {identity!r}: the command line acts only as a terminal user" in r.stderr
+    assert (await approvals.get(deps.redis, deps.keys, approval_id)).state == "pending"
+    assert (await threads.get(deps.redis, deps.keys, tid)).status is Status.WAITING_APPROVAL
+    assert len(await control.list_threads(deps)) == 1, "nothing was launched"
 
 
 # -- dead letters --------------------------------------------------------------------------------------------------
@@ -468,7 +539,7 @@ CONFIG_LOADING_COMMANDS = [
     ["threads", "list"],
     ["threads", "show", "t1"],
     ["threads", "launch", "hi", "--agent", "x"],
-    ["approvals", "approve", "a1", "--as", "api:ops"],
+    ["approvals", "approve", "a1", "--as", "terminal:alice"],
     ["chat", "--as", "terminal:alice"],
     ["worker"],
 ]

