@@ -29,6 +29,7 @@ from bot.bus import Command
 from bot.errors import PermanentDeliveryError
 from bot.events import ChannelRef
 from bot.keys import Keys
+from bot.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,9 @@ def backoff(tries: int, base_delay: float, retry_after: float | None) -> float:
 
 
 def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """A delivery failure as logged and dead-lettered: credentials redacted (HTTP clients name the URL they called,
+    tokens and all)."""
+    return redact(f"{type(exc).__name__}: {exc}")
 
 
 def _malformed(exc: ValidationError) -> str:
@@ -216,7 +219,7 @@ class OutboxConsumer:
                 await self._dead_letter(entry_id, payload, msg.thread_id, _error(exc))
                 return 0
             delay = backoff(1, self.base_delay, getattr(exc, "retry_after", None))
-            log.warning("delivery of %s to %s failed (%s); retrying in %.1fs", msg.id, self.kind, exc, delay)
+            log.warning("delivery of %s to %s failed (%s); retrying in %.1fs", msg.id, self.kind, _error(exc), delay)
             await self._set_aside(entry_id, payload, msg.thread_id, tries=1, delay=delay)
             return 0
         pipe = self.redis.pipeline(transaction=True)
@@ -288,7 +291,7 @@ class OutboxConsumer:
                     continue
                 delay = backoff(tries, self.base_delay, getattr(exc, "retry_after", None))
                 log.warning("delivery of %s to %s failed %d times (%s); retrying in %.1fs",
-                            entry_id.decode(), self.kind, tries, exc, delay)  # fmt: skip
+                            entry_id.decode(), self.kind, tries, _error(exc), delay)  # fmt: skip
                 pipe = self.redis.pipeline(transaction=True)
                 pipe.zadd(self.due, {thread_id: now + int(delay * 1000)}, xx=True)
                 pipe.hset(self.tries, thread_id, tries)

@@ -133,10 +133,7 @@ class TerminalChat:
             self.say("nothing is waiting for approval")
             return True
         self.awaiting = f"msg:{new_id()}"
-        if await self.status() is None:
-            await control.launch(self.deps, self.agent, text, self.ref, thread_id=self.thread_id, key=self.awaiting)
-        else:
-            await control.send(self.deps, self.thread_id, text, self.ref, key=self.awaiting)
+        await control.receive(self.deps, self.thread_id, text, self.ref, key=self.awaiting, agent=self.agent)
         return True
 
     async def decide(self, approved: bool, *, feedback: str = "", edited: str | None = None) -> None:

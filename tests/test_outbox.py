@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
+
+import pytest
 
 from bot.errors import PermanentDeliveryError
 from bot.events import ChannelRef
@@ -150,6 +153,35 @@ async def test_a_permanent_failure_is_dead_lettered_at_once_and_other_threads_go
     ] * 2
     assert [json.loads(f["payload"])["id"] for _, f in letters] == ["e1", "e3"]
     assert await deps.redis.xlen(consumer.stream) == 0 and await consumer.waiting() == 0
+
+
+async def test_delivery_failures_are_logged_and_dead_lettered_without_credentials(
+    deps: Deps, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP client's error names the URL it called, token and all: neither the log nor the dead letter keeps it."""
+    secret = "s3cr3t-hook-token-0123"
+
+    async def deliver(msg: Outbound) -> Receipt:
+        url = f"https://hooks.example.com/in?token={secret}"
+        if msg.thread_id == "bad":
+            raise PermanentDeliveryError(f"POST {url} answered 400")
+        raise ConnectionError(f"cannot connect to {url} (Authorization: Bearer {secret})")
+
+    caplog.set_level(logging.WARNING, logger="bot.outbox")
+    consumer = OutboxConsumer(deps.redis, deps.keys, "fake", deliver, base_delay=0.05, max_attempts=2)
+    await consumer.ensure_group()
+    await put(deps, deps.keys, message(1, "bad"), message(2, "flaky"))
+
+    async def both_dead() -> bool:
+        return len(await deps.bus.dead_letters()) == 2
+
+    await pump_until(consumer, both_dead)
+    errors = [f["error"] for _, f in await deps.bus.dead_letters()]
+    assert errors == [
+        "PermanentDeliveryError: POST https://hooks.example.com/in?token=*** answered 400",
+        "ConnectionError: cannot connect to https://hooks.example.com/in?token=*** (Authorization: Bearer ***)",
+    ]
+    assert caplog.records and not any(secret in r.getMessage() for r in caplog.records)
 
 
 async def test_a_retryable_failure_holds_back_only_its_own_thread_and_order_is_kept(deps: Deps) -> None:
