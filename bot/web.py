@@ -11,10 +11,13 @@ import socket
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bot import channel
@@ -23,6 +26,7 @@ from bot.runtime import Deps, check_installation
 
 log = logging.getLogger(__name__)
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 MAX_BODY = 256 * 1024  # bytes; larger request bodies get 413
 
 
@@ -106,6 +110,14 @@ def create_app(deps: Deps) -> FastAPI:
     async def stale_settings(request: Request, exc: SettingsMismatch) -> JSONResponse:
         log.error("%s", exc)
         return _unavailable({"detail": "this server's settings differ from the installation's; try again shortly"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:  # Starlette's Allow names the methods of the first route on the path only
+            allowed = [m for m in METHODS if any(r.matches({**request.scope, "method": m})[0] is Match.FULL
+                                                 for r in app.router.routes)]  # fmt: skip
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+        return await http_exception_handler(request, exc)
 
     app.add_middleware(BodyLimit)
     return app

@@ -237,3 +237,11 @@ async def test_a_key_sees_only_approvals_of_its_agents(api: httpx.AsyncClient, d
     assert (await api.get(f"/api/v1/approvals/{other}", headers=auth("narrow"))).status_code == 404
     mine = listed["items"][0]["id"]
     assert (await api.get(f"/api/v1/approvals/{mine}", headers=auth("narrow"))).json()["state"] == "pending"
+
+
+async def test_a_method_a_path_does_not_take_is_405_naming_every_method_it_does(web: httpx.AsyncClient) -> None:
+    r = await web.delete("/api/v1/threads", headers=auth("ops"))
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    assert r.json() == {"detail": "Method Not Allowed"}
+    r = await web.get("/api/v1/threads/T1/pause", headers=auth("ops"))
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
