@@ -72,8 +72,9 @@ async def test_when_one_part_fails_to_start_the_others_stop_and_the_command_fail
 
 def dry_run(target: str, venv: Path) -> list[str]:
     """The commands `make TARGET` runs on a machine without ``venv`` (make -n prints them and runs nothing)."""
-    r = subprocess.run(["make", "-n", f"VENV={venv}", "PYTHON=python3", target], cwd=ROOT, capture_output=True,
-                       text=True, timeout=30, check=True)  # fmt: skip
+    # --no-print-directory: under another make (CI's `make test`) it would say "Entering directory …"
+    r = subprocess.run(["make", "-n", "--no-print-directory", f"VENV={venv}", "PYTHON=python3", target], cwd=ROOT,
+                       capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
     return r.stdout.replace(str(venv), "V").splitlines()
 
 
