@@ -16,6 +16,9 @@ class CallTool:
     tool: str
     args: dict[str, Any]
     reason: str = ""
+    # Ask only these of the approvers the tool's policy allows (none: all of the policy's); for a step that
+    # relays a request naming who may approve it (the MCP channel's request_approval)
+    approvers: tuple[str, ...] = ()
     kind: Literal["call_tool"] = "call_tool"
 
 
@@ -61,6 +64,12 @@ class ApprovalPolicy:
         """Approvers are exact identities (``slack:U123``) or a whole channel kind (``terminal:*``)."""
         kind = identity.split(":", 1)[0]
         return identity in self.approvers or f"{kind}:*" in self.approvers
+
+    def narrowed(self, wanted: Sequence[str]) -> tuple[str, ...]:
+        """The approvers to ask when a step names some: those this policy allows. Never anyone the policy does
+        not allow; when none of them is allowed (the caller should have refused that), all of the policy's."""
+        allowed = tuple(a for a in wanted if self.allows(a))
+        return allowed or self.approvers
 
 
 @dataclass(frozen=True)

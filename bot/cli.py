@@ -266,6 +266,17 @@ async def chat(deps: Deps, agent: str | None, thread_id: str | None, identity: s
     await session.run(stdin_lines())
 
 
+@cli.command("mcp")
+@as_option("Who makes the requests")
+@with_deps()
+async def mcp_cmd(deps: Deps, identity: str | None) -> None:
+    """Serve Handrail to an MCP client over stdio (request_approval, ask_human, get_decision): put
+    `handrail mcp` in the client's mcpServers. Workers must run too (`handrail up` or `handrail worker`)."""
+    from channels.mcp.channel import stdio_server
+
+    await stdio_server(deps, _identity(identity)).run_stdio_async()
+
+
 # -- threads ------------------------------------------------------------------------------------------------
 
 

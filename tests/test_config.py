@@ -26,9 +26,11 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_the_shipped_config_loads_with_both_example_agents() -> None:
+def test_the_shipped_config_loads_with_its_example_agents() -> None:
     config = load_config(ROOT / "config" / "handrail.yaml", ROOT / "prompts")
-    assert set(config.agents) == {"refund-desk", "support"}
+    assert set(config.agents) == {"refund-desk", "support", "mcp-desk"}
+    assert config.route("mcp") == "mcp-desk"
+    assert config.agent("mcp-desk").gated("approved_action") is not None
     assert config.route("terminal") == "refund-desk"
     assert config.agent("support").gated("issue_refund") is not None
     assert config.agent("support").gated("lookup_order") is None
