@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from bot.events import Event, LLMInfo
@@ -100,9 +101,14 @@ class Agent:
     tool_timeout: float = 60.0  # seconds for one tool call, unless tool_timeouts names the tool
     tool_timeouts: dict[str, float] = field(default_factory=dict)
     outage: Outage = Outage()
+    prepare: Callable[[], Awaitable[None]] | None = None  # called before each turn (lists MCP servers' tools)
 
     def gated(self, tool: str) -> ApprovalPolicy | None:
-        return self.approvals.get(tool)
+        """The policy for ``tool``: by its name, else by the first pattern that matches it (``github.*``)."""
+        policy = self.approvals.get(tool)
+        if policy is None:
+            policy = next((p for name, p in self.approvals.items() if "*" in name and fnmatchcase(tool, name)), None)
+        return policy
 
     def timeout_for(self, tool: str) -> float:
         return self.tool_timeouts.get(tool, self.tool_timeout)
