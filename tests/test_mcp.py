@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -199,3 +200,29 @@ def test_a_request_reads_pending_until_decided_and_cancelled_when_cancelled() ->
     policy = ApprovalPolicy(("api:ops", "terminal:*"))
     assert policy.narrowed(["terminal:bob", "slack:UMALLORY"]) == ("terminal:bob",)
     assert policy.narrowed(["slack:UMALLORY"]) == policy.narrowed([]) == ("api:ops", "terminal:*")
+
+
+async def test_an_approval_asked_in_slack_is_decided_with_the_button(
+    deps: Deps, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """channel: slack:C... puts the card in Slack (the fake Web API); the approver's click is the decision the
+    MCP client gets. A key may ask only on the channels it is allowed."""
+    from tests.test_slack import rig
+
+    monkeypatch.setenv("TEST_API_KEY_MCP", "sk-mcp-client-0123456789")
+    async with rig(deps, monkeypatch, start_worker) as slack:
+        async with http_session(slack.http, OPS) as ops:  # the ops key may talk on the API only
+            refused = await ops.call_tool("request_approval", {"action": "deploy", "channel": "slack:CDEPLOY"})
+        async with http_session(slack.http, "sk-mcp-client-0123456789") as mcp:
+            call = asyncio.create_task(mcp.call_tool("request_approval", {
+                "action": "deploy v2", "arguments": {"env": "prod"}, "approvers": ["slack:UALICE"],
+                "channel": "slack:CDEPLOY",
+            }))  # fmt: skip
+            [card] = await slack.posted(1)
+            assert card.params["channel"] == "CDEPLOY"
+            assert "<@UALICE>" in json.dumps(card.params["blocks"])
+            approval_id = card.params["blocks"][-1]["block_id"].removeprefix("approval:")
+            assert (await slack.click("handrail_approve", approval_id, "UALICE", card)).status_code == 200
+            result = (await asyncio.wait_for(call, 10)).structured_content
+    assert refused.is_error and "may not ask on slack:CDEPLOY" in refused.content[0].text  # type: ignore[union-attr]
+    assert (result["status"], result["by"], result["arguments"]) == ("approved", "slack:UALICE", {"env": "prod"})
