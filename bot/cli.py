@@ -234,7 +234,7 @@ async def _receive(deps: Deps, names: tuple[str, ...]) -> None:
 @with_deps(before=_port_free)
 async def web(deps: Deps, host: str, port: int) -> None:
     """Serve the REST API (/api/v1, docs at /api/v1/docs), inbound webhooks (/hooks), Slack (/slack/events, or
-    Socket Mode with SLACK_APP_TOKEN) and /healthz, /readyz."""
+    Socket Mode with SLACK_APP_TOKEN), MCP over Streamable HTTP (/mcp) and /healthz, /readyz."""
     logging.getLogger("bot").setLevel(logging.INFO)
     await _until_stopped(_web(deps, host, port), *channel.runners(deps, "web"))
 

@@ -49,7 +49,8 @@ def decision(request_id: str, events: Sequence[Event]) -> Decision:
         if isinstance(e, ApprovalDecided):
             if not e.approved:
                 return Decision(request_id=request_id, status="rejected", by=e.by, feedback=e.feedback, at=e.at)
-            edited = e.args is not None and e.args.get("arguments") != request.get("arguments")
+            asked = {"action": request.get("action"), "arguments": request.get("arguments")}
+            edited = e.args is not None and e.args != asked  # the action or its arguments changed
             arguments = (e.args or {}).get("arguments") if e.args is not None else request.get("arguments")
             return Decision(request_id=request_id, status="approved", by=e.by, feedback=e.feedback,
                             arguments=arguments or {}, edited=edited, at=e.at)  # fmt: skip
