@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from bot.events import Event, LLMInfo
@@ -16,6 +17,9 @@ class CallTool:
     tool: str
     args: dict[str, Any]
     reason: str = ""
+    # Ask only these of the approvers the tool's policy allows (none: all of the policy's); for a step that
+    # relays a request naming who may approve it (the MCP channel's request_approval)
+    approvers: tuple[str, ...] = ()
     kind: Literal["call_tool"] = "call_tool"
 
 
@@ -62,6 +66,12 @@ class ApprovalPolicy:
         kind = identity.split(":", 1)[0]
         return identity in self.approvers or f"{kind}:*" in self.approvers
 
+    def narrowed(self, wanted: Sequence[str]) -> tuple[str, ...]:
+        """The approvers to ask when a step names some: those this policy allows. Never anyone the policy does
+        not allow; when none of them is allowed (the caller should have refused that), all of the policy's."""
+        allowed = tuple(a for a in wanted if self.allows(a))
+        return allowed or self.approvers
+
 
 @dataclass(frozen=True)
 class Prefetch:
@@ -91,9 +101,14 @@ class Agent:
     tool_timeout: float = 60.0  # seconds for one tool call, unless tool_timeouts names the tool
     tool_timeouts: dict[str, float] = field(default_factory=dict)
     outage: Outage = Outage()
+    prepare: Callable[[], Awaitable[None]] | None = None  # called before each turn (lists MCP servers' tools)
 
     def gated(self, tool: str) -> ApprovalPolicy | None:
-        return self.approvals.get(tool)
+        """The policy for ``tool``: by its name, else by the first pattern that matches it (``github.*``)."""
+        policy = self.approvals.get(tool)
+        if policy is None:
+            policy = next((p for name, p in self.approvals.items() if "*" in name and fnmatchcase(tool, name)), None)
+        return policy
 
     def timeout_for(self, tool: str) -> float:
         return self.tool_timeouts.get(tool, self.tool_timeout)

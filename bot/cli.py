@@ -234,7 +234,7 @@ async def _receive(deps: Deps, names: tuple[str, ...]) -> None:
 @with_deps(before=_port_free)
 async def web(deps: Deps, host: str, port: int) -> None:
     """Serve the REST API (/api/v1, docs at /api/v1/docs), inbound webhooks (/hooks), Slack (/slack/events, or
-    Socket Mode with SLACK_APP_TOKEN) and /healthz, /readyz."""
+    Socket Mode with SLACK_APP_TOKEN), MCP over Streamable HTTP (/mcp) and /healthz, /readyz."""
     logging.getLogger("bot").setLevel(logging.INFO)
     await _until_stopped(_web(deps, host, port), *channel.runners(deps, "web"))
 
@@ -264,6 +264,17 @@ async def chat(deps: Deps, agent: str | None, thread_id: str | None, identity: s
     deps.agents.agent(name)
     session = TerminalChat(deps, agent=name, identity=_identity(identity), thread_id=thread_id)
     await session.run(stdin_lines())
+
+
+@cli.command("mcp")
+@as_option("Who makes the requests")
+@with_deps()
+async def mcp_cmd(deps: Deps, identity: str | None) -> None:
+    """Serve Handrail to an MCP client over stdio (request_approval, ask_human, get_decision): put
+    `handrail mcp` in the client's mcpServers. Workers must run too (`handrail up` or `handrail worker`)."""
+    from channels.mcp.channel import stdio_server
+
+    await stdio_server(deps, _identity(identity)).run_stdio_async()
 
 
 # -- threads ------------------------------------------------------------------------------------------------

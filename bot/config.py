@@ -56,6 +56,23 @@ class OutageSpec(_Strict):
     notify_after: float = Field(default=60, ge=0, le=86400)
 
 
+class McpServerSpec(_Strict):
+    """An MCP server whose tools the agent may call: a stdio ``command`` or a Streamable HTTP ``url``. Credentials
+    come from the environment (``${VAR}`` in ``env`` or ``headers``)."""
+
+    command: list[str] = []
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    env: dict[str, str] = {}  # extra environment of a stdio server
+    headers: dict[str, str] = {}  # HTTP headers, e.g. {Authorization: "Bearer ${GITHUB_TOKEN}"}
+    timeout: float = Field(default=30, gt=0, le=600)  # seconds to connect and list its tools
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerSpec:
+        if bool(self.command) == bool(self.url):
+            raise ValueError("give exactly one of 'command' (a stdio server) or 'url' (Streamable HTTP)")
+        return self
+
+
 class AgentSpec(_Strict):
     description: str = ""
     step: str | None = None  # "module:function" for a deterministic agent
@@ -69,6 +86,7 @@ class AgentSpec(_Strict):
     temperature: float = 0.0
     timeouts: TimeoutsSpec = TimeoutsSpec()
     model_outage: OutageSpec = OutageSpec()
+    mcp_servers: dict[str, McpServerSpec] = {}  # name -> server; its tools are NAME.TOOL (approvals: NAME.*)
 
     @model_validator(mode="after")
     def _one_kind(self) -> AgentSpec:
@@ -249,8 +267,12 @@ def _build_agent(where: str, name: str, spec: AgentSpec, prompts: Path) -> Agent
         if not isinstance(t, Tool):
             raise ConfigError(where, f"{base}.tools[{i}]", f"{dotted!r} is not a tool (use @tool)")
         tools[t.name] = t
+    for server in spec.mcp_servers:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", server):
+            raise ConfigError(where, f"{base}.mcp_servers.{server}", "names are letters, digits, '_' and '-'")
     for tool_name in spec.approvals:
-        if tool_name not in tools:
+        lent = tool_name.partition(".")[0] in spec.mcp_servers  # an MCP server's tool (listed at run time)
+        if tool_name not in tools and not lent and "*" not in tool_name:
             raise ConfigError(where, f"{base}.approvals.{tool_name}", "not one of this agent's tools")
     for i, p in enumerate(spec.prefetch):
         if p.tool not in tools:
@@ -280,10 +302,18 @@ def _build_agent(where: str, name: str, spec: AgentSpec, prompts: Path) -> Agent
             temperature=spec.temperature,
             timeout=spec.timeouts.model,
         )
+    prepare = None
+    if spec.mcp_servers:
+        from bot.mcp_tools import McpServers, ServerSpec
+
+        servers = [ServerSpec(n, tuple(m.command), m.url or "", dict(m.env), dict(m.headers), m.timeout)
+                   for n, m in spec.mcp_servers.items()]  # fmt: skip
+        prepare = McpServers(name, servers, tools).prepare  # adds to ``tools``, which the LLM step shares
     return Agent(
         name=name,
         step=step,
         tools=tools,
+        prepare=prepare,
         approvals={t: ApprovalPolicy(tuple(a.approvers)) for t, a in spec.approvals.items()},
         max_steps=spec.max_steps,
         prefetch=tuple(Prefetch(p.tool, p.args) for p in spec.prefetch),

@@ -142,6 +142,8 @@ async def decide(
         record = await approvals.get(deps.redis, deps.keys, approval_id)
         thread = await threads.get(deps.redis, deps.keys, record.thread_id)
         agent = deps.agents.agents.get(thread.agent)
+        if agent is not None and agent.prepare is not None and record.tool not in agent.tools:
+            await agent.prepare()  # an MCP server's tool: list the server's tools to check the edit against
         tool = agent.tools.get(record.tool) if agent is not None else None
         if tool is None:  # removed or renamed in the config since the call was proposed
             raise Conflict(

@@ -136,7 +136,9 @@ class LLMStep:
             prompt_upto=len(events),
             template_sha=template_sha,
         )
-        return StepOutcome(parse(calls, message.content, set(self.tools)), info)
+        wire = {t.wire_name: name for name, t in self.tools.items()}  # the model calls tools by their wire names
+        named = [{**c, "name": wire.get(c["name"], c["name"])} for c in calls]
+        return StepOutcome(parse(named, message.content, set(self.tools)), info)
 
 
 # 408 timeout, 409 conflict, 425 too early, 429 rate limit: the same request can succeed later.

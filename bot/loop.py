@@ -243,6 +243,8 @@ class Runner:
         commits the last step with the inbound entry's ack. The inbound event itself travels with the first step's
         commit: until then its entry is on the stream, so nothing is lost."""
         stepped = False
+        if agent.prepare is not None:
+            await agent.prepare()
         while True:
             action = next_action(tx.thread, agent)
             if isinstance(action, Wait):
@@ -356,12 +358,12 @@ class Runner:
             case AskHuman(question=question):
                 tx.add(HumanAsked(thread_id=thread.id, question=question, llm=llm))
                 tx.say("question", question)
-            case CallTool(tool=name, args=args, reason=reason):
+            case CallTool(tool=name, args=args, reason=reason, approvers=wanted):
                 call = ToolCall(thread_id=thread.id, call_id=new_id(), tool=name, args=args, reason=reason, llm=llm)
                 tx.add(call)
                 policy = agent.gated(name)
                 if policy is not None:
-                    self._request_approval(tx, call, policy.approvers)
+                    self._request_approval(tx, call, policy.narrowed(wanted))
         return None
 
     def _check_call(self, thread: Thread, agent: Agent, step: CallTool) -> CallTool | Malformed:
@@ -381,7 +383,7 @@ class Runner:
                 f"{step.tool} already ran with these arguments (call {earlier.call_id}){how}; its result is above. "
                 "It is not run again: use what it returned, change the arguments, or ask a human.",
             )
-        return CallTool(step.tool, args, step.reason)
+        return CallTool(step.tool, args, step.reason, step.approvers)
 
     def _request_approval(self, tx: Tx, call: ToolCall, approvers: Sequence[str]) -> None:
         req = ApprovalRequested(

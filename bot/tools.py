@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, get_type_hints
@@ -34,13 +35,19 @@ class Tool:
     fn: ToolFn
     repeatable: bool = False  # may run again with the same arguments in one thread (see plan.repeated_call)
 
+    @property
+    def wire_name(self) -> str:
+        """The name the model calls it by: providers take letters, digits, '_' and '-' only (an MCP server's
+        ``github.create_issue`` is ``github__create_issue``)."""
+        return re.sub(r"[^A-Za-z0-9_-]", "_", self.name.replace(".", "__"))[:64]
+
     def schema(self) -> dict[str, Any]:
         """The OpenAI-style function definition litellm passes to any provider."""
         params = self.args_model.model_json_schema()
         params.pop("title", None)
         return {
             "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": params},
+            "function": {"name": self.wire_name, "description": self.description, "parameters": params},
         }
 
     def validate(self, args: dict[str, Any]) -> BaseModel:

@@ -79,7 +79,7 @@ def create_app(deps: Deps) -> FastAPI:
     _docs(app)
     app.state.deps = deps
     for router in channel.routes(deps):  # the REST API, inbound webhooks, Slack, email links: whatever is there
-        app.include_router(router)
+        app.include_router(router)  # its lifespan, if it has one, runs around serving (see serve)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, bool]:
@@ -153,7 +153,8 @@ async def serve(deps: Deps, stop: asyncio.Event, host: str = "127.0.0.1", port: 
     """Run the web app under uvicorn until ``stop`` is set (on ``sock`` if given, e.g. one bound to port 0)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(deps), host=host, port=port, log_level="warning", lifespan="off"))
+    # lifespan on: a channel's router may bring one (APIRouter(lifespan=...)), e.g. a mounted app's task group
+    server = uvicorn.Server(uvicorn.Config(create_app(deps), host=host, port=port, log_level="warning", lifespan="on"))
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # the CLI owns signals
     task = asyncio.create_task(server.serve(sockets=[sock] if sock else None))
     await stop.wait()

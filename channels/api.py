@@ -167,14 +167,20 @@ def bearer(authorization: str | None) -> bytes:
     return token.strip().encode() if scheme.lower() == "bearer" else b""
 
 
+def authenticate(keys: list[tuple[bytes, Principal]], authorization: str | None) -> Principal | None:
+    """The key an ``Authorization: Bearer`` header carries, or None (also for the MCP channel's HTTP endpoint)."""
+    token = bearer(authorization)
+    found = None
+    for secret, principal in keys:  # compare with every key, in constant time each
+        if hmac.compare_digest(secret, token) and token:
+            found = principal
+    return found
+
+
 def _authenticator(keys: list[tuple[bytes, Principal]]) -> Callable[[Scope], Any]:
     def needs(scope: Scope) -> Any:
         async def check(authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Principal:
-            token = bearer(authorization)
-            found = None
-            for secret, principal in keys:  # compare with every key, in constant time each
-                if hmac.compare_digest(secret, token) and token:
-                    found = principal
+            found = authenticate(keys, authorization)
             if found is None:
                 raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
             if scope not in found.scopes:

@@ -31,6 +31,9 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 # The test config's webhook subscribers sign with this; every worker (and `handrail worker`) needs it at start.
 # Standard Webhooks form: "whsec_" + base64 of 24-64 bytes (here b"test-only-not-a-secret-1234").
 os.environ.setdefault("TEST_WEBHOOK_SECRET", "whsec_dGVzdC1vbmx5LW5vdC1hLXNlY3JldC0xMjM0")
+# The test config's MCP server (tests/mcp_tool_server.py) runs under this interpreter, from this checkout.
+os.environ.setdefault("TEST_PYTHON", sys.executable)
+os.environ.setdefault("TEST_ROOT", str(ROOT))
 
 
 # -- no network: only loopback and unix sockets ----------------------------------------------------------------

@@ -26,9 +26,11 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_the_shipped_config_loads_with_both_example_agents() -> None:
+def test_the_shipped_config_loads_with_its_example_agents() -> None:
     config = load_config(ROOT / "config" / "handrail.yaml", ROOT / "prompts")
-    assert set(config.agents) == {"refund-desk", "support"}
+    assert set(config.agents) == {"refund-desk", "support", "mcp-desk"}
+    assert config.route("mcp") == "mcp-desk"
+    assert config.agent("mcp-desk").gated("approved_action") is not None
     assert config.route("terminal") == "refund-desk"
     assert config.agent("support").gated("issue_refund") is not None
     assert config.agent("support").gated("lookup_order") is None
@@ -63,6 +65,22 @@ def test_the_shipped_config_loads_with_both_example_agents() -> None:
             "no agent named 'b'",
         ),
         (GOOD_AGENT.replace('["terminal:*"]', "[]"), "agents.desk.approvals.issue_refund.approvers", "at least 1 item"),
+        (
+            "agents:\n  a: {step: 'agents.refunds:refund_desk', mcp_servers: {gh: {command: [x], url: 'http://h'}}}",
+            "agents.a.mcp_servers.gh",
+            "exactly one of 'command'",
+        ),
+        (
+            "agents:\n  a: {step: 'agents.refunds:refund_desk', mcp_servers: {gh: {url: 'http://h'}},"
+            " approvals: {'gl.merge': {approvers: [x]}}}",
+            "agents.a.approvals.gl.merge",
+            "not one of this agent's tools",
+        ),
+        (
+            "agents:\n  a: {step: 'agents.refunds:refund_desk', mcp_servers: {'g.h': {url: 'http://h'}}}",
+            "agents.a.mcp_servers.g.h",
+            "letters, digits",
+        ),
         ("agents: [", "", "not valid YAML"),
     ],
 )

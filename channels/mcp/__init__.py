@@ -1,0 +1,1 @@
+"""MCP: Handrail as a Model Context Protocol server, so any MCP agent can ask a human through it."""
