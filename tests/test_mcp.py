@@ -97,6 +97,27 @@ async def test_http_rejection_returns_the_feedback_and_edited_args_come_back(dep
     assert (approved["status"], approved["arguments"], approved["edited"]) == ("approved", {"n": 3}, True)
 
 
+async def test_a_retried_request_with_its_key_finds_the_first_one_instead_of_asking_again(
+    deps: Deps, start_worker: Any
+) -> None:
+    await start_worker()
+    deploy = {"action": "deploy v3", "arguments": {"env": "prod"}, "request_key": "deploy-v3", "wait": False}
+    async with web_client(deps) as web:
+        async with http_session(web, OPS) as mcp:
+            first = (await mcp.call_tool("request_approval", deploy)).structured_content
+        approval = await pending_approval(web)  # exactly one, however often it is asked
+        async with http_session(web, OPS) as mcp:  # a client that timed out and reconnected asks again
+            again = (await mcp.call_tool("request_approval", deploy)).structured_content
+            assert again["request_id"] == first["request_id"] == approval["thread_id"]
+            assert len((await web.get("/api/v1/approvals", headers={"Authorization": f"Bearer {OPS}"})
+                        ).json()["items"]) == 1  # fmt: skip
+            other = (await mcp.call_tool("request_approval", deploy | {"arguments": {"env": "dev"}})).structured_content
+            assert other["request_id"] != first["request_id"], "another request under the same key is a new one"
+            await decide(web, approval["id"], approved=True)
+            done = (await mcp.call_tool("request_approval", deploy | {"wait": True, "timeout": 10})).structured_content
+    assert (done["request_id"], done["status"], done["by"]) == (first["request_id"], "approved", "api:ops")
+
+
 async def test_http_without_a_valid_key_is_refused_and_opens_nothing(deps: Deps) -> None:
     async with web_client(deps) as web:
         for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": f"Basic {OPS}"}):

@@ -9,6 +9,7 @@ gave a progress token), and ``wait=false`` or a timed-out wait hands back the re
 # No `from __future__ import annotations`: the SDK reads the tools' annotations (Context among them) at runtime.
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -55,6 +56,12 @@ class Caller:
 Identify = Callable[[Context], Caller | None]
 
 Wait = Annotated[bool, Field(description="Wait for the human (true) or return the request id at once (false)")]
+RequestKey = Annotated[
+    str | None,
+    Field(description="Your own id for this request: asking again with the same key and the same request (a retry "
+                      "after a timeout or a reconnect) returns that request instead of opening another",
+          min_length=1, max_length=255),
+]  # fmt: skip
 Timeout = Annotated[
     float, Field(ge=0, le=MAX_WAIT, description="Seconds to wait before returning 'pending' with the request id")
 ]
@@ -99,15 +106,18 @@ def build(deps: Deps, identify: Identify, *, name: str = "handrail") -> MCPServe
         return ChannelRef(kind=kind, address=address, user=who.identity)
 
     async def open_request(ctx: Context, who: Caller, request: dict[str, Any], where: str | None, wait: bool,
-                           timeout: float) -> Decision:  # fmt: skip
+                           timeout: float, request_key: str | None) -> Decision:  # fmt: skip
         agent = agent_for(who)
         ref = origin(who, where)
-        thread_id = new_id()
+        text = json.dumps(request, ensure_ascii=False)
+        thread_id = new_id() if request_key is None else _keyed_id(who.identity, request_key, where or "", text)
         try:
-            await control.launch(deps, agent, json.dumps(request, ensure_ascii=False), ref, thread_id=thread_id,
-                                 key=f"mcp:{thread_id}")  # fmt: skip
+            accepted = await control.launch(deps, agent, text, ref, thread_id=thread_id, key=f"mcp:{thread_id}")
         except HandrailError as exc:
             raise ToolError(str(exc)) from None
+        if accepted.duplicate:
+            log.info("thread %s: %s asked again with its request key", thread_id, who.identity)
+            return await settle(ctx, thread_id, timeout if wait else 0)
         log.info("thread %s: %s opened an MCP %s request", thread_id, who.identity, request["request"])
         return await settle(ctx, thread_id, timeout if wait else 0)
 
@@ -144,6 +154,7 @@ def build(deps: Deps, identify: Identify, *, name: str = "handrail") -> MCPServe
         channel: Where = None,
         wait: Wait = True,
         timeout: Timeout = 3600,
+        request_key: RequestKey = None,
     ) -> Decision:
         """Ask a human to approve an action before you take it. Returns approved (with the arguments to use,
         possibly edited by the approver) or rejected (with feedback), or pending with a request_id."""
@@ -158,7 +169,7 @@ def build(deps: Deps, identify: Identify, *, name: str = "handrail") -> MCPServe
             raise ToolError(f"not allowed to approve these requests: {', '.join(refused)} (allowed: "
                             f"{', '.join(allowed)})")  # fmt: skip
         request = {"request": "approval", "action": action, "arguments": arguments or {}, "approvers": wanted}
-        return await open_request(ctx, who, request, channel, wait, timeout)
+        return await open_request(ctx, who, request, channel, wait, timeout, request_key)
 
     @server.tool(structured_output=True)
     async def ask_human(
@@ -171,12 +182,13 @@ def build(deps: Deps, identify: Identify, *, name: str = "handrail") -> MCPServe
         channel: Where = None,
         wait: Wait = True,
         timeout: Timeout = 3600,
+        request_key: RequestKey = None,
     ) -> Decision:
         """Ask a human a question and get their answer (with the matching choice, if you offered some), or
         pending with a request_id."""
         who = caller(ctx, "launch")
         request = {"request": "question", "question": question, "choices": choices or [], "urgency": urgency}
-        return await open_request(ctx, who, request, channel, wait, timeout)
+        return await open_request(ctx, who, request, channel, wait, timeout, request_key)
 
     @server.tool(structured_output=True)
     async def get_decision(
@@ -197,3 +209,10 @@ def build(deps: Deps, identify: Identify, *, name: str = "handrail") -> MCPServe
         return await settle(ctx, request_id, timeout)
 
     return server
+
+
+def _keyed_id(identity: str, request_key: str, where: str, text: str) -> str:
+    """The thread of a keyed request: the same caller, key, place and request always land on the same thread (a
+    different request under a reused key is a new one, never an old request's decision)."""
+    digest = hashlib.sha256("\0".join((identity, request_key, where, text)).encode()).hexdigest()[:24]
+    return f"mcp-{digest}"
