@@ -326,7 +326,7 @@ class WebhookChannel(BaseChannel):
 
     def notify(self, deps: Deps, thread: Thread, event: Event) -> Sequence[tuple[str, Outbound]]:
         name = NOTIFICATIONS.get(event.type)
-        if name is None:
+        if name is None or not deps.agents.spec.webhooks:  # on every recorded event: nothing to build for no one
             return []
         body = {"id": event.id, "type": name, "thread_id": thread.id, "agent": thread.agent, "at": event.at,
                 "event": codec.event_to_dict(event, keep_thread=True)}  # fmt: skip
