@@ -77,6 +77,9 @@ def refund_desk(events: Sequence[Event]) -> Step:
             return SendReply("I can refund orders. Say 'refund A100' for the whole order or 'refund A100 25' for $25.")
         return CallTool("lookup_order", {"order_id": match["order"].upper()})
     rejection = events[-2] if isinstance(last, ToolResult) and len(events) > 1 else last  # recorded with its result
+    if isinstance(rejection, ApprovalDecided) and rejection.expired:
+        return SendReply(f"I did not refund it: the approval expired ({rejection.feedback}). Ask again if you still "
+                         "need it.")  # fmt: skip
     if isinstance(rejection, ApprovalDecided) and not rejection.approved:
         why = f": {rejection.feedback}" if rejection.feedback else "."
         return SendReply(f"OK, I did not refund it. {rejection.by} rejected the refund{why}")

@@ -57,9 +57,13 @@ class StepOutcome:
 StepFn = Callable[[Sequence[Event]], Awaitable[StepOutcome]]
 
 
+DEFAULT_EXPIRY = 7 * 24 * 3600.0  # seconds: a request nobody decides within a week expires
+
+
 @dataclass(frozen=True)
 class ApprovalPolicy:
     approvers: tuple[str, ...]
+    expires_after: float = DEFAULT_EXPIRY  # seconds a request may wait for a decision before it expires
 
     def allows(self, identity: str) -> bool:
         """Approvers are exact identities (``slack:U123``) or a whole channel kind (``terminal:*``)."""

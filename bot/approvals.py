@@ -26,11 +26,18 @@ from bot.keys import Keys
 _DECIDE = (
     install.CHECK_LUA.format(key=4, arg=9)
     + """
-local st = redis.call('HMGET', KEYS[1], 'state', 'approvers', 'by', 'at', 'nonce')
+local st = redis.call('HMGET', KEYS[1], 'state', 'approvers', 'by', 'at', 'nonce', 'expires_at')
 if not st[1] then return {'missing'} end
 if st[1] ~= 'pending' then
   if st[5] == ARGV[8] then return {'ok', st[1], st[3], st[4]} end
   return {'decided', st[1], st[3], st[4]}
+end
+local expires = tonumber(st[6] or '')
+if expires and expires > 0 then  -- past its time nobody decides, even before the expirer has recorded it
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= expires then
+    return {'decided', 'expired', '', tostring(expires)}
+  end
 end
 local kind = string.match(ARGV[1], '^([^:]*):') or ''
 local allowed = false
@@ -50,7 +57,9 @@ return {'ok', state, ARGV[1], ARGV[3]}
 _scripts: weakref.WeakKeyDictionary[aioredis.Redis, Any] = weakref.WeakKeyDictionary()
 _close_scripts: weakref.WeakKeyDictionary[aioredis.Redis, Any] = weakref.WeakKeyDictionary()
 
-State = Literal["pending", "approved", "rejected", "cancelled"]
+State = Literal["pending", "approved", "rejected", "cancelled", "expired"]
+
+EXPIRED_BY = "handrail:expiry"  # who an expiry is recorded as: no person, no channel
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class ApprovalRecord:
     reason: str
     state: State
     requested_at: int
+    expires_at: int = 0
     by: str = ""
     at: int = 0
     approved_hash: str = ""
@@ -74,7 +84,7 @@ class ApprovalRecord:
 class Outcome:
     """The answer to a decision attempt, for the channel it was made in."""
 
-    result: Literal["ok", "decided", "forbidden", "missing"]
+    result: Literal["ok", "decided", "forbidden", "missing", "later"]
     state: str = ""
     by: str = ""
     at: int = 0
@@ -105,9 +115,10 @@ def request_commands(keys: Keys, req: ApprovalRequested) -> list[Command]:
             "thread_id", req.thread_id, "call_id", req.call_id, "tool", req.tool,
             "args", json.dumps(req.args, sort_keys=True), "args_hash", req.args_hash,
             "approvers", "\n".join(req.approvers), "reason", req.reason, "state", "pending",
-            "requested_at", req.at,
+            "requested_at", req.at, "expires_at", req.expires_at,
         ),
-        ("ZADD", keys.pending_approvals, req.at, req.approval_id),
+        # scored by expiry: the expirer reads what is due from the front, and the list shows what runs out first
+        ("ZADD", keys.pending_approvals, req.expires_at or req.at, req.approval_id),
     ]  # fmt: skip
 
 
@@ -137,10 +148,89 @@ async def close(redis: aioredis.Redis, keys: Keys, approval_id: str, state: str)
     return Outcome("decided", found, res[2].decode(), int(res[3] or 0))
 
 
+# Expire a pending approval whose time has come, by Redis's clock, unless a decision got there first; safe to run
+# in any number of processes at once (the state changes once, the event is published once). A record from before
+# expiry existed gets its expiry (requested + ARGV[3] ms) and waits for it.
+# KEYS: the record, the pending set, inbound stream, recorded settings. ARGV: id, encoded event, default ms, settings.
+_EXPIRE = (
+    install.CHECK_LUA.format(key=4, arg=4)
+    + """
+local st = redis.call('HMGET', KEYS[1], 'state', 'expires_at', 'requested_at', 'by', 'at')
+if not st[1] then redis.call('ZREM', KEYS[2], ARGV[1]) return {'missing'} end
+if st[1] ~= 'pending' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {'decided', st[1], st[4] or '', st[5] or '0'}
+end
+local expires = tonumber(st[2] or '')
+if not expires or expires <= 0 then
+  expires = tonumber(st[3] or '0') + tonumber(ARGV[3])
+  redis.call('HSET', KEYS[1], 'expires_at', expires)
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now < expires then
+  redis.call('ZADD', KEYS[2], expires, ARGV[1])
+  return {'later', tostring(expires)}
+end
+redis.call('HSET', KEYS[1], 'state', 'expired', 'by', '"""
+    + EXPIRED_BY
+    + """', 'at', now)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'e', ARGV[2])
+return {'ok', 'expired', '', tostring(now)}
+"""
+)
+_expire_scripts: weakref.WeakKeyDictionary[aioredis.Redis, Any] = weakref.WeakKeyDictionary()
+
+
+async def expire(redis: aioredis.Redis, keys: Keys, approval_id: str, *, default_after: float) -> Outcome:
+    """Expire ``approval_id`` if its time has come and nobody decided: "ok" when this call expired it, "decided"
+    (with the state) when it was settled before, "missing", or "later" (``at`` is when it expires)."""
+    raw = await redis.hmget(keys.approval(approval_id), "thread_id", "requested_at", "expires_at")
+    if raw[0] is None:
+        await redis.zrem(keys.pending_approvals, approval_id)
+        return Outcome("missing")
+    thread_id = raw[0].decode()
+    expires = int(raw[2] or 0) or int(raw[1] or 0) + int(default_after * 1000)
+    waited = _duration(expires - int(raw[1] or expires))
+    event = ApprovalDecided(
+        thread_id=thread_id, key=f"approval:{approval_id}", approval_id=approval_id, approved=False, by=EXPIRED_BY,
+        feedback=f"nobody decided within {waited}", expired=True,
+    )  # fmt: skip
+    script = _expire_scripts.get(redis)
+    if script is None:
+        script = _expire_scripts[redis] = redis.register_script(_EXPIRE)
+    try:
+        res = await script(
+            keys=[keys.approval(approval_id), keys.pending_approvals, keys.inbound_for(thread_id), keys.settings],
+            args=[approval_id, codec.encode(event, keep_thread=True), int(default_after * 1000),
+                  install.ours(keys).dump()],
+        )  # fmt: skip
+    except ResponseError as exc:
+        raise install.refused(exc, keys) or exc from None
+    kind = res[0].decode()
+    if kind == "later":
+        return Outcome("later", "pending", at=int(res[1]))
+    if kind in ("ok", "decided"):
+        return Outcome(kind, res[1].decode(), (res[2] or b"").decode(), int(res[3] or 0))
+    return Outcome("missing")
+
+
+def _duration(ms: int) -> str:
+    """A wait as people say it: 7 days, 36 hours, 90 minutes, 20 seconds."""
+    seconds = max(ms, 0) // 1000
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= 2 * size or (seconds >= size and seconds % size == 0):
+            n = seconds // size
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
 def settle_commands(keys: Keys, approval_id: str) -> list[Command]:
     """Once decided, an approval keeps only what the executor's gate and late deciders are told; the request
     itself lives on in the thread's log."""
-    return [("HDEL", keys.approval(approval_id), "args", "approvers", "reason", "args_hash", "requested_at")]
+    return [("HDEL", keys.approval(approval_id), "args", "approvers", "reason", "args_hash", "requested_at",
+             "expires_at")]  # fmt: skip
 
 
 def _record(approval_id: str, raw: dict[bytes, bytes]) -> ApprovalRecord:
@@ -156,6 +246,7 @@ def _record(approval_id: str, raw: dict[bytes, bytes]) -> ApprovalRecord:
         reason=f.get("reason", ""),
         state=f["state"],  # type: ignore[arg-type]
         requested_at=int(f.get("requested_at") or 0),
+        expires_at=int(f.get("expires_at") or 0),
         by=f.get("by", ""),
         at=int(f.get("at") or 0),
         approved_hash=f.get("approved_hash", ""),

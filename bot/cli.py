@@ -154,6 +154,12 @@ def _retention(deps: Deps) -> Runner:
     )
 
 
+def _expirer(deps: Deps) -> Runner:
+    from bot.expiry import run_expirer
+
+    return lambda stop: run_expirer(deps, stop)
+
+
 def _port_free(*, host: str, port: int, **_: Any) -> None:
     """Refuse to start when the web port is taken: checked by binding it (as uvicorn will, with SO_REUSEADDR),
     before Redis or anything else starts, so a refusal leaves nothing behind."""
@@ -185,7 +191,7 @@ async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}, API on http://{host}:{port}/api/v1/docs")
     click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
     parts = [r for role in channel.ROLES for r in channel.runners(deps, role)]  # every registered channel, every role
-    await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _retention(deps), *parts)
+    await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _retention(deps), _expirer(deps), *parts)
 
 
 @cli.command()
@@ -242,11 +248,12 @@ async def web(deps: Deps, host: str, port: int) -> None:
 @cli.command()
 @with_deps()
 async def scheduler(deps: Deps) -> None:
-    """Fire the configured schedules (each scheduled time once, however many schedulers run), and delete
-    finished threads past HANDRAIL_RETENTION_DAYS (one process at a time)."""
+    """Fire the configured schedules (each scheduled time once, however many schedulers run), expire approvals
+    nobody decided in time, and delete finished threads past HANDRAIL_RETENTION_DAYS (one process at a time)."""
     logging.getLogger("channels").setLevel(logging.INFO)
     logging.getLogger("bot.retention").setLevel(logging.INFO)
-    await _until_stopped(*channel.runners(deps, "scheduler"), _retention(deps))
+    logging.getLogger("bot.expiry").setLevel(logging.INFO)
+    await _until_stopped(*channel.runners(deps, "scheduler"), _retention(deps), _expirer(deps))
 
 
 @cli.command()
@@ -414,7 +421,7 @@ def approvals_cmd() -> None:
 @approvals_cmd.command("list")
 @with_deps(config=False)
 async def approvals_list(deps: Deps) -> None:
-    """Approvals waiting for a decision, oldest first."""
+    """Approvals waiting for a decision, the soonest to expire first."""
     rows = await approvals.pending(deps.redis, deps.keys)
     if not rows:
         click.echo("no pending approvals")

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bot.agent import Agent, ApprovalPolicy, Outage, Prefetch, StepFn, deterministic
+from bot.agent import DEFAULT_EXPIRY, Agent, ApprovalPolicy, Outage, Prefetch, StepFn, deterministic
 from bot.errors import ConfigError
 from bot.tools import Tool
 
@@ -23,6 +23,8 @@ class _Strict(BaseModel):
 
 class ApprovalSpec(_Strict):
     approvers: list[str] = Field(min_length=1)
+    expires_after: float = Field(default=DEFAULT_EXPIRY, gt=0, le=366 * 24 * 3600,
+                                 description="seconds a request may wait for a decision (default 7 days)")  # fmt: skip
 
     @field_validator("approvers")
     @classmethod
@@ -314,7 +316,7 @@ def _build_agent(where: str, name: str, spec: AgentSpec, prompts: Path) -> Agent
         step=step,
         tools=tools,
         prepare=prepare,
-        approvals={t: ApprovalPolicy(tuple(a.approvers)) for t, a in spec.approvals.items()},
+        approvals={t: ApprovalPolicy(tuple(a.approvers), a.expires_after) for t, a in spec.approvals.items()},
         max_steps=spec.max_steps,
         prefetch=tuple(Prefetch(p.tool, p.args) for p in spec.prefetch),
         description=spec.description,

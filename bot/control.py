@@ -263,8 +263,9 @@ async def threads_page(
 async def approvals_page(
     deps: Deps, *, limit: int = 100, cursor: str | None = None, agents: frozenset[str] | None = None
 ) -> Page[approvals.ApprovalRecord]:
-    """One page of approvals waiting for a decision, oldest first; follow ``next`` until it is None. For a caller
-    limited to some ``agents``, only their threads' approvals: such a page may hold fewer than ``limit``."""
+    """One page of approvals waiting for a decision, the soonest to expire first; follow ``next`` until it is
+    None. For a caller limited to some ``agents``, only their threads' approvals: such a page may hold fewer than
+    ``limit``."""
     rows, after = await walk_index(deps, deps.keys.pending_approvals, cursor=cursor, budget=limit, newest_first=False)
     records = await approvals.records(deps.redis, deps.keys, [i for i, _ in rows])
     if agents is not None:

@@ -117,6 +117,7 @@ class ApprovalRequested(_Base):
     args_hash: str
     approvers: list[str]
     reason: str = ""
+    expires_at: int = 0  # epoch ms after which nobody may decide (0: never; logs from before expiry existed)
 
 
 class ApprovalDecided(_Base):
@@ -127,6 +128,7 @@ class ApprovalDecided(_Base):
     feedback: str = ""
     args: dict[str, Any] | None = None  # edited arguments, when the approver changed them
     args_hash: str = ""  # the exact call approved
+    expired: bool = False  # nobody decided in time: recorded by the expirer, not a person (approved is False)
 
 
 class Reply(_Base):

@@ -179,7 +179,7 @@ class Runner:
             if open_request is None or open_request.approval_id != event.approval_id:
                 return f"approval {event.approval_id} is not open on this thread"
             record = await approvals.get(self.deps.redis, self.keys, event.approval_id)
-            state = "approved" if event.approved else "rejected"
+            state = "approved" if event.approved else "expired" if event.expired else "rejected"
             if record.state != state or record.by != event.by:
                 return f"decision does not match the approval record ({record.state} by {record.by or '-'})"
             tx.records[record.id] = record  # the executor's gate reads it next, moments from now
@@ -225,15 +225,21 @@ class Runner:
         tx.add(event, *approvals.settle_commands(self.keys, event.approval_id))
         self._announce(tx, event)
         if not event.approved:  # a rejection is the call's result: done for good, whatever the config says later
-            error = f"rejected by {event.by}" + (f": {event.feedback}" if event.feedback else "")
+            if event.expired:  # not a person's no: the agent may tell the user, or ask again if it still matters
+                error = f"approval expired: {event.feedback}"
+            else:
+                error = f"rejected by {event.by}" + (f": {event.feedback}" if event.feedback else "")
             tx.add(ToolResult(thread_id=tx.thread.id, call_id=request.call_id, ok=False, error=error))
 
     def _announce(self, tx: Tx, event: Event) -> None:
         if isinstance(event, ApprovalDecided):
             verdict = f"Approved by {event.by}" if event.approved else f"Rejected by {event.by}"
+            if event.expired:
+                verdict = "Expired"
             text = verdict + (f": {event.feedback}" if event.feedback else "")
             tx.say("approval_update", text, {"id": event.approval_id, "approved": event.approved, "by": event.by,
-                                             "at": event.at, "feedback": event.feedback})  # fmt: skip
+                                             "at": event.at, "feedback": event.feedback,
+                                             "expired": event.expired})  # fmt: skip
         elif event.type == "thread.cancelled":
             tx.say("text", f"Cancelled by {event.by or 'an operator'}.")
 
@@ -363,7 +369,7 @@ class Runner:
                 tx.add(call)
                 policy = agent.gated(name)
                 if policy is not None:
-                    self._request_approval(tx, call, policy.narrowed(wanted))
+                    self._request_approval(tx, call, policy.narrowed(wanted), policy.expires_after)
         return None
 
     def _check_call(self, thread: Thread, agent: Agent, step: CallTool) -> CallTool | Malformed:
@@ -385,8 +391,11 @@ class Runner:
             )
         return CallTool(step.tool, args, step.reason, step.approvers)
 
-    def _request_approval(self, tx: Tx, call: ToolCall, approvers: Sequence[str]) -> None:
+    def _request_approval(self, tx: Tx, call: ToolCall, approvers: Sequence[str], expires_after: float) -> None:
+        at = now_ms()
         req = ApprovalRequested(
+            at=at,
+            expires_at=at + int(expires_after * 1000),
             thread_id=tx.thread.id,
             approval_id=call.call_id,
             call_id=call.call_id,

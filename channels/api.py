@@ -429,8 +429,9 @@ def router(deps: Deps) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         cursor: Annotated[str | None, CURSOR] = None,
     ) -> ApprovalPage:
-        """Approvals waiting for a decision, oldest first, a page at a time: follow ``next`` until null. A key
-        limited to some agents sees only their threads' approvals (a page may then hold fewer than ``limit``)."""
+        """Approvals waiting for a decision, the soonest to expire first, a page at a time: follow ``next`` until
+        null. A key limited to some agents sees only their threads' approvals (a page may then hold fewer than
+        ``limit``)."""
         try:
             page = await control.approvals_page(deps, limit=limit, cursor=cursor, agents=who.agents)
         except control.BadCursor as exc:

@@ -11,14 +11,15 @@ from pydantic import BaseModel, Field
 from bot.events import ApprovalDecided, Event, HumanAnswered, MessageReceived, ThreadFailed
 from bot.threads import Status, derive_status
 
-State = Literal["pending", "approved", "rejected", "answered", "cancelled", "failed"]
+State = Literal["pending", "approved", "rejected", "expired", "answered", "cancelled", "failed"]
 
 
 class Decision(BaseModel):
     """The structured result of request_approval, ask_human and get_decision."""
 
     request_id: str = Field(description="Pass to get_decision to wait for (or look up) this request again")
-    status: State = Field(description="pending until a human decides (approved / rejected) or answers")
+    status: State = Field(description="pending until a human decides (approved / rejected) or answers; expired "
+                                "when nobody decided in time")  # fmt: skip
     by: str = Field(default="", description="Who decided or answered, e.g. slack:U123 or api:ops")
     feedback: str = Field(default="", description="Why it was rejected (or the failure, for failed)")
     arguments: dict[str, Any] | None = Field(
@@ -48,7 +49,8 @@ def decision(request_id: str, events: Sequence[Event]) -> Decision:
     for e in events:
         if isinstance(e, ApprovalDecided):
             if not e.approved:
-                return Decision(request_id=request_id, status="rejected", by=e.by, feedback=e.feedback, at=e.at)
+                verdict: State = "expired" if e.expired else "rejected"
+                return Decision(request_id=request_id, status=verdict, by=e.by, feedback=e.feedback, at=e.at)
             asked = {"action": request.get("action"), "arguments": request.get("arguments")}
             edited = e.args is not None and e.args != asked  # the action or its arguments changed
             arguments = (e.args or {}).get("arguments") if e.args is not None else request.get("arguments")

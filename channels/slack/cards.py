@@ -159,6 +159,9 @@ def verdict(update: Mapping[str, Any]) -> str:
     if update.get("cancelled"):  # decided, but a cancel got to the thread first
         state = "Approved" if update.get("approved") else "Rejected"
         return f":no_entry_sign: {state} by {by}, but the thread was cancelled first; nothing ran."
+    if update.get("expired"):
+        why = escape(str(update.get("feedback") or "nobody decided in time"))
+        return f":hourglass: Expired at {when(int(update.get('at') or 0))}: {why}; nothing ran."
     if update.get("approved"):
         edited = " with edited arguments" if update.get("edited") else ""
         return f":white_check_mark: Approved by {by}{edited} at {when(int(update.get('at') or 0))}"
