@@ -29,6 +29,7 @@ KIND = "console"
 HERE = Path(__file__).parent
 STATIC = {  # name: content type; nothing else is served from the folder
     "htmx.min.js": "text/javascript", "console.js": "text/javascript", "console.css": "text/css",
+    "favicon.svg": "image/svg+xml",
 }  # fmt: skip
 PAGE = 30  # threads per page
 
