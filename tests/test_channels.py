@@ -22,8 +22,9 @@ ALICE = ChannelRef(kind="terminal", address="t", user="terminal:alice")
 
 def test_the_shipped_channels_are_registered_through_entry_points() -> None:
     found = channel.registered()
-    assert sorted(found) == ["api", "email", "schedule", "slack", "terminal", "webhook"]
-    assert channel.delivered() == frozenset({"email", "slack", "terminal", "webhook"})  # not "api": it reads
+    assert sorted(found) == ["api", "console", "email", "schedule", "slack", "terminal", "webhook"]
+    # not "api" nor "console": they read the thread logs, so nothing is queued for them
+    assert channel.delivered() == frozenset({"email", "slack", "terminal", "webhook"})
     assert all(found[name].name == name for name in found)
 
 

@@ -328,6 +328,20 @@ def router(deps: Deps) -> APIRouter:
         t, rows = await timeline(thread_id)
         return render("_timeline.html", request, user, t=t, rows=rows)
 
+    verbs = {"pause": control.pause, "resume": control.resume, "cancel": control.cancel}
+
+    @r.post("/console/threads/{thread_id}/{verb}")
+    async def act(request: Request, thread_id: str, verb: str) -> Response:
+        """Pause, resume or cancel a thread, as the console user (between steps, as from the CLI or the API)."""
+        await form(request, user := await who(request))
+        if verb not in verbs:
+            raise HTTPException(404, f"no action {verb!r}; actions: {', '.join(verbs)}")
+        try:
+            await verbs[verb](deps, thread_id, user.identity)
+        except NotFound:
+            raise HTTPException(404, f"no thread {thread_id!r}") from None
+        return RedirectResponse(f"/console/threads/{thread_id}", 303)
+
     # -- dead letters -----------------------------------------------------------------------------------------
 
     @r.get("/console/dead-letters")
