@@ -119,6 +119,6 @@ async def test_receive_names_what_is_missing(deps: Deps, env_for: Any) -> None:
     from tests.test_cli import failed_cleanly, handrail
 
     env = {k: v for k, v in env_for().items() if not k.startswith(("IMAP_", "SMTP_", "EMAIL_"))}
-    failed_cleanly(await handrail(env, "receive", "fax"), "no channel 'fax'; installed: api, email, schedule")
+    failed_cleanly(await handrail(env, "receive", "fax"), "no channel 'fax'; installed: api, console, email, schedule")
     failed_cleanly(await handrail(env, "receive", "email"), "email is not configured: set IMAP_HOST")
     failed_cleanly(await handrail(env, "email"), "email is not configured: set IMAP_HOST")  # the old name

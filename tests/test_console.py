@@ -335,6 +335,11 @@ async def test_a_login_gives_a_session_and_users_decide_as_their_console_identit
         client.cookies.set("handrail_console", tampered)
         assert (await client.get("/console/approvals")).status_code == 303
 
+        for _ in range(10):  # a name tried too often is locked, even for its right password
+            await client.post("/console/login", data={"name": "bob", "password": "guess"})
+        locked = await client.post("/console/login", data={"name": "bob", "password": "bob-pw-789"})
+        assert locked.status_code == 429 and "too many failed logins" in locked.text
+
         await login("alice", "alice-pw-456")
         r = await decide(client, request.approval_id, action="approve")
         assert "approved by console:alice" in r.text

@@ -26,6 +26,7 @@ from bot.runtime import Deps
 
 COOKIE = "handrail_console"
 SESSION_S = 12 * 3600  # a login lasts this long
+MAX_FAILS, LOCK_S = 10, 900  # this many failed logins for one name lock it for the rest of this many seconds
 ADMIN = "admin"
 # No inline script or style anywhere: everything the page runs or wears comes from /console/static.
 CSP = (
@@ -139,11 +140,22 @@ class Access:
             raise HTTPException(400, "the console answers only to localhost, 127.0.0.1 or [::1] without a login")
         return User(ADMIN, secrets.token_urlsafe(24), local=True)
 
-    def check_password(self, name: str, password: str) -> bool:
+    async def check_password(self, name: str, password: str) -> bool | None:
+        """Whether ``password`` is ``name``'s; None while the name is locked after too many failed tries."""
+        fails = f"{self.deps.keys.ns}:console:fails:{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+        if int(await self.deps.redis.get(fails) or 0) >= MAX_FAILS:
+            return None
         expected = self.users.get(name, "")
         digest = hashlib.sha256
         ok = hmac.compare_digest(digest(expected.encode()).digest(), digest(password.encode()).digest())
-        return ok and bool(expected)
+        if ok and expected:
+            await self.deps.redis.delete(fails)
+            return True
+        pipe = self.deps.redis.pipeline(transaction=True)
+        pipe.set(fails, 0, ex=LOCK_S, nx=True)  # the window starts at the first failure (INCR keeps the expiry)
+        pipe.incr(fails)
+        await pipe.execute()
+        return False
 
     async def start(self, response: Response, request: Request, user: User) -> None:
         """Put ``user``'s session in a signed cookie on ``response``."""

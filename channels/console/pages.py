@@ -138,9 +138,12 @@ def router(deps: Deps) -> APIRouter:
         name, password = fields.get("name", ""), fields.get("password", "")
         if not access.users:
             return render("login.html", request, None, 503, error="", configured=False, name=name, next="")
-        if not access.check_password(name, password):
-            return render("login.html", request, None, 401, error="wrong name or password", configured=True,
-                          name=name, next=_safe_next(fields.get("next", "")))  # fmt: skip
+        checked = await access.check_password(name, password)
+        if not checked:
+            error = "wrong name or password" if checked is False else \
+                "too many failed logins for this name: try again in 15 minutes"  # fmt: skip
+            return render("login.html", request, None, 401 if checked is False else 429, error=error,
+                          configured=True, name=name, next=_safe_next(fields.get("next", "")))  # fmt: skip
         from secrets import token_urlsafe
 
         response = RedirectResponse(_safe_next(fields.get("next", "")), 303)
@@ -165,6 +168,7 @@ def router(deps: Deps) -> APIRouter:
             conv = views.conversation(t, user.identity) if t.events else views.Conversation(thread, agent, "starting")
             agent = agent or t.agent
             since = await live.fingerprint(deps, f"thread:{thread}")
+        agent = agent or deps.agents.route(KIND)  # preselected: the config's route for the console, else the first
         return await page("chat.html", request, user, conv=conv, agent=agent, thread=thread, since=since, error="")
 
     @r.get("/console/chat/{thread_id}/log")
