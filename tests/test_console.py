@@ -214,6 +214,9 @@ async def test_messages_replies_and_arguments_are_shown_as_text(
         html = (await console.get(path)).text
         assert "<script>alert" not in html and "<img src" not in html, path
         assert "&lt;img src=x onerror=alert(1)&gt;" in html or "\\u003cimg src=x" in html, path
+    timeline = (await console.get(f"/console/threads/{said}")).text
+    assert "prompt sent at this step (verified against the recorded hash)" in timeline
+    assert "tool schemas sent at this step" in timeline and "&#34;issue_refund&#34;" in timeline
     chat = (await console.get(f"/console/chat?thread={said}")).text
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in chat and "reply &lt;img" in chat
 

@@ -309,14 +309,14 @@ def router(deps: Deps) -> APIRouter:
             t = await threads.get(deps.redis, deps.keys, thread_id)
         except NotFound:
             raise HTTPException(404, f"no thread {thread_id!r}") from None
-        prompts: dict[int, tuple[list[dict[str, Any]], bool]] = {}
+        prompts: dict[int, control.SentPrompt] = {}
         for n in range(len(t.events)):
             try:
                 sent = control.prompt_of(deps, t, n)
-            except (HandrailError, KeyError):  # the agent is gone from the config: the log is still shown
+            except HandrailError:  # the agent is gone from the config: the log is still shown
                 sent = None
             if sent is not None:
-                prompts[n] = (sent.messages, sent.verified)
+                prompts[n] = sent
         return t, views.timeline(t, prompts)
 
     @r.get("/console/threads/{thread_id}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from bot import codec
 from bot.approvals import ApprovalRecord
+from bot.control import SentPrompt
 from bot.events import ApprovalDecided, ApprovalRequested, Event
 from bot.threads import Thread
 from bot.timeline import summary
@@ -89,9 +90,10 @@ class Row:
     llm: dict[str, Any] | None = None
     prompt: str | None = None  # the exact request sent to the model for this step, when it was a model step
     prompt_verified: bool = False
+    tools: str | None = None  # the tool schemas sent with it
 
 
-def timeline(thread: Thread, prompts: dict[int, tuple[list[dict[str, Any]], bool]]) -> list[Row]:
+def timeline(thread: Thread, prompts: dict[int, SentPrompt]) -> list[Row]:
     rows = []
     for n, e in enumerate(thread.events):
         data = codec.event_to_dict(e)
@@ -101,7 +103,8 @@ def timeline(thread: Thread, prompts: dict[int, tuple[list[dict[str, Any]], bool
             tone = "ok" if e.approved else "bad"
         sent = prompts.get(n)
         rows.append(Row(n, e.type, e.at, summary(e), pretty(data), tone, llm,
-                        pretty(sent[0]) if sent else None, bool(sent and sent[1])))  # fmt: skip
+                        pretty(sent.messages) if sent else None, bool(sent and sent.verified),
+                        pretty(sent.tools) if sent else None))  # fmt: skip
     return rows
 
 
