@@ -159,5 +159,6 @@ async def test_a_login_is_required_when_bound_to_a_public_address(
         cookies = await page.context.cookies()
         [session] = [c for c in cookies if c["name"] == "handrail_console"]
         assert session["httpOnly"] and session["sameSite"] == "Strict"
-        assert (await httpx.AsyncClient(base_url=site).get("/console/approvals")).status_code == 303
+        async with httpx.AsyncClient(base_url=site) as stranger:  # no cookie: no page
+            assert (await stranger.get("/console/approvals")).status_code == 303
     assert [e for e in errors if "401" not in e] == []

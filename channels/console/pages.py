@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from secrets import token_urlsafe
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -144,8 +145,6 @@ def router(deps: Deps) -> APIRouter:
                 "too many failed logins for this name: try again in 15 minutes"  # fmt: skip
             return render("login.html", request, None, 401 if checked is False else 429, error=error,
                           configured=True, name=name, next=_safe_next(fields.get("next", "")))  # fmt: skip
-        from secrets import token_urlsafe
-
         response = RedirectResponse(_safe_next(fields.get("next", "")), 303)
         await access.start(response, request, User(name, token_urlsafe(24), local=False))
         return response
