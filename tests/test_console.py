@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -16,12 +17,20 @@ import pytest
 from bot import approvals, control, threads
 from bot.events import ChannelRef
 from bot.runtime import Deps
+from bot.settings import Settings
 from bot.threads import Status
-from tests.conftest import status_is, wait_for, web_client
+from tests.conftest import ROOT, status_is, wait_for, web_client
 from tests.scripted_model import ScriptedModel, call, text
 from tests.slow_agent import FAIL
 
 API = ChannelRef(kind="api", address="ops", user="api:ops")
+CONFIG = ROOT / "tests" / "config" / "console.yaml"
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The shared test settings, with the console tests' agents."""
+    return dataclasses.replace(settings, config_path=CONFIG)
 
 
 @pytest.fixture

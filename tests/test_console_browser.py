@@ -17,6 +17,7 @@ from bot.runtime import Deps
 from bot.threads import Status
 from tests.conftest import ROOT, status_is, wait_for, web_client
 from tests.test_console import public_console
+from tests.test_console import settings as settings  # the console tests' agents
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
