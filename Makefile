@@ -28,8 +28,9 @@ install: $(VENV)/.installed-dev  ## everything, test tools included
 run: $(VENV)/.installed-runtime  ## run Handrail (all processes in one; embedded Redis when REDIS_URL is unset)
 	$(BIN)/handrail up
 
-test: $(VENV)/.installed-dev  ## run the test suite (a real Redis: REDIS_URL, else an embedded one; Dovecot for the email tests)
+test: $(VENV)/.installed-dev  ## run the test suite (a real Redis: REDIS_URL, else an embedded one; Dovecot for the email tests, Chromium for the console's)
 	@bash .ci/install-dovecot
+	@bash .ci/install-chromium
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed-dev  ## drive full approval cycles and print throughput, latency and memory figures

@@ -189,6 +189,8 @@ async def up(deps: Deps, workers: int, host: str, port: int) -> None:
     url = deps.settings.redis_url
     where = redact_url(url) if url else f"embedded Redis (data in {deps.settings.data_dir}/)"
     click.echo(f"Handrail is up: {len(deps.agents.agents)} agents, {where}, API on http://{host}:{port}/api/v1/docs")
+    if "console" in channel.registered():
+        click.echo(f"Open the console in a browser:  http://{host}:{port}/")
     click.echo("Talk to an agent from another terminal:  .venv/bin/handrail chat   (Ctrl-C here stops Handrail)")
     parts = [r for role in channel.ROLES for r in channel.runners(deps, role)]  # every registered channel, every role
     await _until_stopped(*_workers(deps, workers), _web(deps, host, port), _retention(deps), _expirer(deps), *parts)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
@@ -277,6 +277,7 @@ async def approvals_page(
 class SentPrompt:
     messages: list[dict[str, Any]]
     verified: bool  # the re-rendered request hashes to what was recorded as sent
+    tools: list[dict[str, Any]] = field(default_factory=list)  # the tool schemas sent with it
 
 
 def prompt_of(deps: Deps, thread: Thread, index: int) -> SentPrompt | None:
@@ -288,7 +289,7 @@ def prompt_of(deps: Deps, thread: Thread, index: int) -> SentPrompt | None:
     if not isinstance(step, LLMStep):
         return None
     messages, tools, _ = step.request(thread.events[: llm.prompt_upto])
-    return SentPrompt(messages, request_sha(messages, tools) == llm.prompt_sha)
+    return SentPrompt(messages, request_sha(messages, tools) == llm.prompt_sha, list(tools))
 
 
 __all__ = [

@@ -153,8 +153,12 @@ async def serve(deps: Deps, stop: asyncio.Event, host: str = "127.0.0.1", port: 
     """Run the web app under uvicorn until ``stop`` is set (on ``sock`` if given, e.g. one bound to port 0)."""
     import uvicorn
 
+    app = create_app(deps)
+    # for routes that must know: long-lived responses (server-sent events) end when ``stop`` is set, and whether
+    # the app is reachable from other machines (the console then asks for a login)
+    app.state.stop, app.state.host = stop, sock.getsockname()[0] if sock else host
     # lifespan on: a channel's router may bring one (APIRouter(lifespan=...)), e.g. a mounted app's task group
-    server = uvicorn.Server(uvicorn.Config(create_app(deps), host=host, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # the CLI owns signals
     task = asyncio.create_task(server.serve(sockets=[sock] if sock else None))
     await stop.wait()

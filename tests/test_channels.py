@@ -22,8 +22,9 @@ ALICE = ChannelRef(kind="terminal", address="t", user="terminal:alice")
 
 def test_the_shipped_channels_are_registered_through_entry_points() -> None:
     found = channel.registered()
-    assert sorted(found) == ["api", "email", "mcp", "schedule", "slack", "terminal", "webhook"]
-    assert channel.delivered() == frozenset({"email", "slack", "terminal", "webhook"})  # not "api": it reads
+    assert sorted(found) == ["api", "console", "email", "mcp", "schedule", "slack", "terminal", "webhook"]
+    # not "api" nor "console": they read the thread logs, so nothing is queued for them
+    assert channel.delivered() == frozenset({"email", "slack", "terminal", "webhook"})
     assert all(found[name].name == name for name in found)
 
 
@@ -118,6 +119,7 @@ async def test_receive_names_what_is_missing(deps: Deps, env_for: Any) -> None:
     from tests.test_cli import failed_cleanly, handrail
 
     env = {k: v for k, v in env_for().items() if not k.startswith(("IMAP_", "SMTP_", "EMAIL_"))}
-    failed_cleanly(await handrail(env, "receive", "fax"), "no channel 'fax'; installed: api, email, mcp, schedule")
+    installed = "no channel 'fax'; installed: api, console, email, mcp, schedule"
+    failed_cleanly(await handrail(env, "receive", "fax"), installed)
     failed_cleanly(await handrail(env, "receive", "email"), "email is not configured: set IMAP_HOST")
     failed_cleanly(await handrail(env, "email"), "email is not configured: set IMAP_HOST")  # the old name
