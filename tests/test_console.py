@@ -123,6 +123,7 @@ async def test_chat_launches_a_thread_and_a_decision_in_the_console_runs_the_too
 
     inbox = (await console.get("/console/approvals")).text
     assert f'data-approval="{request.approval_id}"' in inbox
+    assert f'expires <time datetime="{request.expires_at}"' in inbox and request.expires_at > request.at
     r = await decide(console, request.approval_id, action="approve")
     assert r.status_code == 200 and "approved by console:admin" in r.text
     thread = await wait_for(deps, tid, status_is(Status.DONE))

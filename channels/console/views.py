@@ -22,6 +22,7 @@ from bot.timeline import summary
 TONE = {
     "running": "busy", "waiting_approval": "wait", "waiting_human": "wait", "paused": "idle", "done": "ok",
     "failed": "bad", "cancelled": "idle", "pending": "wait", "approved": "ok", "rejected": "bad",
+    "expired": "idle",
 }  # fmt: skip
 
 
@@ -52,6 +53,7 @@ class Card:
     error: str = ""  # what was wrong with the last attempt, shown in place
     notice: str = ""  # what the last attempt did ("approved by console:admin")
     args_text: str = ""  # the edited arguments as typed, kept when they were refused
+    expires_at: int = 0  # when nobody may decide any more (0: never, a request from before expiry existed)
 
     def __post_init__(self) -> None:
         self.args_text = self.args_text or pretty(self.args)
@@ -59,14 +61,15 @@ class Card:
     @classmethod
     def of_record(cls, rec: ApprovalRecord, identity: str) -> Card:
         return cls(rec.id, rec.thread_id, rec.tool, rec.args, list(rec.approvers), rec.reason, rec.requested_at,
-                   rec.state, rec.by, rec.at, may_decide=may_decide(identity, rec.approvers))  # fmt: skip
+                   rec.state, rec.by, rec.at, may_decide=may_decide(identity, rec.approvers),
+                   expires_at=rec.expires_at)  # fmt: skip
 
     @classmethod
     def of_request(cls, req: ApprovalRequested, decided: ApprovalDecided | None, identity: str) -> Card:
         card = cls(req.approval_id, req.thread_id, req.tool, req.args, list(req.approvers), req.reason, req.at,
-                   may_decide=may_decide(identity, req.approvers))  # fmt: skip
+                   may_decide=may_decide(identity, req.approvers), expires_at=req.expires_at)  # fmt: skip
         if decided is not None:
-            card.state = "approved" if decided.approved else "rejected"
+            card.state = "approved" if decided.approved else "expired" if decided.expired else "rejected"
             card.by, card.at = decided.by, decided.at
         return card
 

@@ -5,7 +5,13 @@
 
   function relative(ms) {
     var s = Math.round((Date.now() - ms) / 1000);
-    if (s < 0) return "in " + Math.round(-s / 60) + " min";
+    if (s < 0) {  // to come: an approval's expiry
+      s = -s;
+      if (s < 60) return "in " + s + " s";
+      if (s < 3600) return "in " + Math.floor(s / 60) + " min";
+      if (s < 86400) return "in " + Math.floor(s / 3600) + " h";
+      return "in " + Math.floor(s / 86400) + " d";
+    }
     if (s < 60) return s + " s ago";
     if (s < 3600) return Math.floor(s / 60) + " min ago";
     if (s < 86400) return Math.floor(s / 3600) + " h ago";
