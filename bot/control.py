@@ -166,6 +166,7 @@ class Summary:
     status: Status
     events: int
     updated: int
+    channel: str = ""  # the kind of channel the thread was started on
 
 
 async def list_threads(
@@ -238,12 +239,13 @@ async def walk_index(
 
 async def threads_page(
     deps: Deps, *, agent: str | None = None, status: str | None = None, limit: int = 50, cursor: str | None = None,
-    agents: frozenset[str] | None = None,
+    agents: frozenset[str] | None = None, channel: str | None = None,
 ) -> Page[Summary]:  # fmt: skip
-    """One page of threads, most recently active first, filtered by agent and status (and, for a caller limited to
-    some agents, ``agents``). A filtered page looks at most ``SCAN_PER_ITEM * limit`` threads, so it may hold
-    fewer than ``limit`` (even none) while ``next`` still leads on; follow ``next`` until it is None."""
-    filtered = bool(agent or status or agents is not None)
+    """One page of threads, most recently active first, filtered by agent, status and the kind of channel it
+    started on (and, for a caller limited to some agents, ``agents``). A filtered page looks at most
+    ``SCAN_PER_ITEM * limit`` threads, so it may hold fewer than ``limit`` (even none) while ``next`` still leads
+    on; follow ``next`` until it is None."""
+    filtered = bool(agent or status or channel or agents is not None)
     ids, after = await walk_index(
         deps, deps.keys.threads, cursor=cursor, budget=limit * SCAN_PER_ITEM if filtered else limit, newest_first=True
     )
@@ -254,7 +256,10 @@ async def threads_page(
             continue
         if agents is not None and t.agent not in agents:
             continue
-        out.append(Summary(t.id, t.agent, t.status, len(t.events), t.events[-1].at))
+        kind = t.origin.kind if t.origin else ""
+        if channel and kind != channel:
+            continue
+        out.append(Summary(t.id, t.agent, t.status, len(t.events), t.events[-1].at, kind))
         if len(out) == limit and n < len(ids) - 1:  # full before the budget ran out: resume right after this one
             return Page(out, _cursor(score, tid))
     return Page(out, after)

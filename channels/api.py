@@ -339,6 +339,8 @@ def router(deps: Deps) -> APIRouter:
         who: Reader,
         agent: str | None = None,
         status: Status | None = None,
+        channel: Annotated[str | None, Query(max_length=64, description="the kind of channel it started on, "
+                                                                          "e.g. slack")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         cursor: Annotated[str | None, CURSOR] = None,
     ) -> ThreadPage:
@@ -346,7 +348,7 @@ def router(deps: Deps) -> APIRouter:
         threads, so it may be short (even empty) while ``next`` still leads on: follow ``next`` until null."""
         try:
             page = await control.threads_page(
-                deps, agent=agent, status=status, limit=limit, cursor=cursor, agents=who.agents
+                deps, agent=agent, status=status, limit=limit, cursor=cursor, agents=who.agents, channel=channel
             )
         except control.BadCursor as exc:
             raise HTTPException(400, str(exc)) from None

@@ -245,3 +245,18 @@ async def test_a_method_a_path_does_not_take_is_405_naming_every_method_it_does(
     assert r.json() == {"detail": "Method Not Allowed"}
     r = await web.get("/api/v1/threads/T1/pause", headers=auth("ops"))
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+async def test_threads_filter_by_the_channel_they_started_on(api: httpx.AsyncClient, deps: Deps) -> None:
+    from bot import control
+    from bot.events import ChannelRef
+
+    mine = (await api.post("/api/v1/threads", json=LAUNCH, headers=auth("ops"))).json()["thread_id"]
+    terminal = ChannelRef(kind="terminal", address="t", user="terminal:x")
+    chat = await control.launch(deps, "refund-desk", "hello", terminal)
+    for tid in (mine, chat.thread_id):
+        await wait_for(deps, tid, status_is(Status.DONE))
+    for kind, expected in (("api", mine), ("terminal", chat.thread_id)):
+        page = (await api.get(f"/api/v1/threads?channel={kind}", headers=auth("reader"))).json()
+        assert [t["id"] for t in page["items"]] == [expected], kind
+    assert (await api.get("/api/v1/threads?channel=fax", headers=auth("reader"))).json()["items"] == []

@@ -360,3 +360,19 @@ async def test_a_login_gives_a_session_and_users_decide_as_their_console_identit
         logout = await client.post("/console/logout", data={"csrf": await token(client, "/console/approvals")})
         assert logout.status_code == 303
         assert (await client.get("/console/approvals")).status_code == 303
+
+
+async def test_the_thread_list_filters_by_the_channel_a_thread_started_on(
+    console: httpx.AsyncClient, deps: Deps
+) -> None:
+    mine = await say(console, "hello")
+    terminal = ChannelRef(kind="terminal", address="t", user="terminal:x")
+    other = await control.launch(deps, "console-desk", "hello", terminal)
+    for tid in (mine, other.thread_id):
+        await wait_for(deps, tid, lambda t: t.status is not Status.RUNNING)
+    page = (await console.get("/console/threads?channel=console")).text
+    assert f"/console/threads/{mine}" in page and f"/console/threads/{other.thread_id}" not in page
+    everything = (await console.get("/console/threads")).text
+    assert f"/console/threads/{mine}" in everything and f"/console/threads/{other.thread_id}" in everything
+    listed = await control.threads_page(deps, channel="terminal")
+    assert [(s.id, s.channel) for s in listed.items] == [(other.thread_id, "terminal")]

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 
 from bot import approvals, control, retention, threads
+from bot import channel as bot_channel
 from bot.errors import Conflict, HandrailError, NotFound
 from bot.events import ApprovalDecided, ApprovalRequested, ChannelRef, new_id
 from bot.runtime import Deps
@@ -287,21 +288,22 @@ def router(deps: Deps) -> APIRouter:
 
     @r.get("/console/threads")
     async def threads_list(
-        request: Request, agent: str = "", status: str = "", cursor: str | None = None
+        request: Request, agent: str = "", status: str = "", channel: str = "", cursor: str | None = None
     ) -> HTMLResponse:
         user = await who(request)
         if status and status not in set(Status):
             raise HTTPException(400, f"no status {status!r}; statuses: {', '.join(Status)}")
         try:
             got = await control.threads_page(deps, agent=agent or None, status=status or None, limit=PAGE,
-                                             cursor=cursor or None)  # fmt: skip
+                                             cursor=cursor or None, channel=channel or None)  # fmt: skip
         except control.BadCursor as exc:
             raise HTTPException(400, str(exc)) from None
-        more = f"/console/threads?{urlencode({'agent': agent, 'status': status, 'cursor': got.next})}" \
-            if got.next else ""  # fmt: skip
+        query = {"agent": agent, "status": status, "channel": channel, "cursor": got.next}
+        more = f"/console/threads?{urlencode(query)}" if got.next else ""
         since = await live.fingerprint(deps, "threads")
         return await page("threads.html", request, user, items=got.items, agent=agent, status=status,
-                          statuses=list(Status), more=more, since=since)  # fmt: skip
+                          statuses=list(Status), channel=channel, channels=sorted(bot_channel.registered()),
+                          more=more, since=since)  # fmt: skip
 
     async def timeline(thread_id: str) -> tuple[threads.Thread, list[views.Row]]:
         try:
