@@ -249,9 +249,9 @@ class Runner:
         commits the last step with the inbound entry's ack. The inbound event itself travels with the first step's
         commit: until then its entry is on the stream, so nothing is lost."""
         stepped = False
-        if agent.prepare is not None:
-            await agent.prepare()
         while True:
+            if agent.prepare is not None:  # e.g. an MCP server's tools, listed again once it said they changed
+                await agent.prepare()
             action = next_action(tx.thread, agent)
             if isinstance(action, Wait):
                 return Waiting()

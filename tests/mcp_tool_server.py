@@ -1,6 +1,7 @@
 """A small MCP server (the official SDK, stdio) for tests: it records every call of deploy in CALLS_FILE.
 
-It refuses to start while DOWN_FILE exists, as a server that is down would.
+It refuses to start while DOWN_FILE exists, as a server that is down would. Its tool enable_rollback adds a tool,
+rollback, from then on (EXTRA_FILE remembers it across its processes) and says so: tools/list_changed.
 """
 
 import json
@@ -8,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 
 if os.environ.get("DOWN_FILE") and Path(os.environ["DOWN_FILE"]).exists():
     sys.exit("down for maintenance")
@@ -28,6 +29,23 @@ def deploy(env: str, replicas: int = 1) -> dict[str, object]:
 def status() -> str:
     """The service's status."""
     return "all green"
+
+
+def rollback(version: str) -> str:
+    """Roll the service back to a version."""
+    return f"rolled back to {version}"
+
+
+if os.environ.get("EXTRA_FILE") and Path(os.environ["EXTRA_FILE"]).exists():
+    server.add_tool(rollback)
+
+
+@server.tool()
+async def enable_rollback(ctx: Context) -> str:
+    """Offer the rollback tool from now on."""
+    Path(os.environ["EXTRA_FILE"]).touch()  # noqa: ASYNC240  # a test server: one tiny file
+    await ctx.session.send_tool_list_changed()
+    return "rollback is available"
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path.touch()
     monkeypatch.setenv("TEST_MCP_CALLS", str(path))
     monkeypatch.setenv("TEST_MCP_DOWN", str(tmp_path / "down"))
+    monkeypatch.setenv("TEST_MCP_EXTRA", str(tmp_path / "extra"))
     return path
 
 
@@ -77,3 +78,18 @@ async def test_invalid_arguments_are_refused_by_the_servers_schema_and_a_server_
     assert not failed.ok and failed.error.startswith("ConnectionError: MCP server 'ops': ")
     assert len(failed.error) < 400
     assert recorded(calls) == []
+
+
+async def test_a_server_that_says_its_tools_changed_is_listed_again_before_the_next_step(
+    deps: Deps, start_worker: Any, model: ScriptedModel
+) -> None:
+    model.add(call("ops__enable_rollback", {}), call("ops__rollback", {"version": "1.4"}), text("Rolled back."))
+    await start_worker()
+    thread_id = (await control.launch(deps, "ops-bot", "roll back to 1.4", ALICE)).thread_id
+    thread = await wait_for(deps, thread_id, status_is(Status.DONE), timeout=30)
+    offered = [{t["function"]["name"] for t in r["tools"]} for r in model.requests]
+    assert "ops__rollback" not in offered[0] and "ops__rollback" in offered[1], "listed again after the notice"
+    results = [e for e in thread.events if isinstance(e, ToolResult)]
+    assert [(r.ok, r.result) for r in results] == [
+        (True, {"result": "rollback is available"}), (True, {"result": "rolled back to 1.4"})
+    ]  # fmt: skip
