@@ -57,12 +57,13 @@ class Provider:
     aud: str = CLIENT_ID
     expires_in: int = 300
     nonce: str | None = None  # None: the one the client sent
+    claimed_issuer: str = ""  # the discovery document's issuer; empty: the right one
     codes: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     def app(self) -> Starlette:
         async def discovery(request: Request) -> Response:
             return JSONResponse({
-                "issuer": self.base, "authorization_endpoint": f"{self.base}/authorize",
+                "issuer": self.claimed_issuer or self.base, "authorization_endpoint": f"{self.base}/authorize",
                 "token_endpoint": f"{self.base}/token", "jwks_uri": f"{self.base}/jwks",
                 "response_types_supported": ["code"], "id_token_signing_alg_values_supported": ["RS256"],
             })  # fmt: skip
@@ -238,6 +239,16 @@ async def test_a_callback_without_the_flow_cookie_is_refused(deps: Deps, monkeyp
         r = await client.get(oidc.CALLBACK, params={"code": "x", "state": "y"})
         assert r.status_code == 403 and "was not started here or has expired" in r.text
         assert "handrail_console" not in client.cookies
+
+
+async def test_an_issuer_whose_discovery_names_another_is_not_followed(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with with_oidc(deps, monkeypatch) as (provider, client):
+        provider.claimed_issuer = "https://evil.example.com"
+        r = await client.get("/console/login/oidc", params={"next": "/console/approvals"})
+        assert r.status_code == 502 and "names issuer &#39;https://evil.example.com&#39;" in r.text
+        assert "handrail_oidc" not in client.cookies and "handrail_console" not in client.cookies
 
 
 async def test_an_allowed_name_removed_from_the_environment_is_logged_out(

@@ -171,8 +171,11 @@ async def finish(config: Settings, flow: Flow, query: Mapping[str, str]) -> str:
         raise Refused("the issuer sent no authorization code")
     async with httpx.AsyncClient(timeout=10) as http:
         meta = await discover(config, http)
+        methods = meta.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        method = "client_secret_post" if "client_secret_basic" not in methods else "client_secret_basic"
         async with AsyncOAuth2Client(
-            config.client_id, config.client_secret, redirect_uri=config.redirect_uri, timeout=10,
+            config.client_id, config.client_secret, token_endpoint_auth_method=method,
+            redirect_uri=config.redirect_uri, timeout=10,
         ) as client:  # fmt: skip
             try:
                 token = await client.fetch_token(meta["token_endpoint"], grant_type="authorization_code",

@@ -164,7 +164,7 @@ def router(deps: Deps) -> APIRouter:
             url, flow = await oidc.begin(access.oidc, _safe_next(next))
         except oidc.Refused as exc:
             log.warning("console OIDC sign-in not started: %s", exc)
-            return login_form(request, 502, str(exc), next=next)
+            return login_form(request, 502, f"Sign-in with {access.oidc.host} failed: {exc}", next=next)
         response = RedirectResponse(url, 303)
         response.set_cookie(
             oidc.FLOW_COOKIE, (await access.flow_signer()).dumps(flow.dump()), max_age=oidc.FLOW_S, httponly=True,
