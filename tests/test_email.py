@@ -479,6 +479,7 @@ def test_settings_are_all_or_nothing_and_keep_secrets_out_of_repr() -> None:
     from bot.errors import ConfigError
 
     assert EmailSettings.from_env({}) is None
+    assert EmailSettings.from_env({"HANDRAIL_PUBLIC_URL": "https://h.example.com"}) is None  # the console's too
     with pytest.raises(ConfigError, match="IMAP_USER"):
         EmailSettings.from_env({"IMAP_HOST": "imap.example.com"})
     full = {"IMAP_HOST": "imap.example.com", "IMAP_USER": "bot@example.com", "IMAP_PASSWORD": "imap-secret-pw",

@@ -4,7 +4,8 @@ cookies, a CSRF token on every POST, and the security headers of every console p
 On a laptop (bound to a loopback address, no password set) the console needs no login: its user is the local
 admin, ``console:admin``, as the terminal trusts the machine's accounts. Bound to any other address, or with
 HANDRAIL_CONSOLE_PASSWORD set, every page asks for a login: ``admin`` with that password, or a user of
-HANDRAIL_CONSOLE_USERS (``alice:PASSWORD,bob:PASSWORD``); a user decides approvals as ``console:<name>``.
+HANDRAIL_CONSOLE_USERS (``alice:PASSWORD,bob:PASSWORD``), or someone signed in through the team's OpenID
+Connect issuer (channels/console/oidc.py); a user decides approvals as ``console:<name>``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from bot.errors import ConfigError
 from bot.runtime import Deps
+from channels.console import oidc
 
 COOKIE = "handrail_console"
 SESSION_S = 12 * 3600  # a login lasts this long
@@ -47,6 +49,7 @@ class User:
     name: str
     csrf: str
     local: bool  # no login: the console is bound to this machine only
+    sso: bool = False  # signed in through the OpenID Connect issuer
 
     @property
     def identity(self) -> str:
@@ -88,13 +91,15 @@ class Access:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self.users = passwords()
+        self.oidc = oidc.settings(console_users=frozenset(n for n in self.users if n != ADMIN))
         self._signer: URLSafeTimedSerializer | None = None
+        self._flow_signer: URLSafeTimedSerializer | None = None
 
     def login_required(self, request: Request) -> bool:
         """A login is needed unless both ends of the connection are this machine and no password is set."""
         bound = str(getattr(request.app.state, "host", "") or (request.scope.get("server") or ("",))[0])
         client = (request.scope.get("client") or ("",))[0]
-        return bool(self.users) or not (_loopback(bound) and _loopback(str(client)))
+        return bool(self.users or self.oidc) or not (_loopback(bound) and _loopback(str(client)))
 
     async def signer(self) -> URLSafeTimedSerializer:
         """Sessions are signed with HANDRAIL_CONSOLE_SECRET, else with a random key kept in Redis (so every web
@@ -106,7 +111,14 @@ class Access:
                 await self.deps.redis.set(key, secrets.token_hex(32), nx=True)
                 secret = (await self.deps.redis.get(key)).decode()
             self._signer = URLSafeTimedSerializer(secret, salt="handrail-console")
+            self._flow_signer = URLSafeTimedSerializer(secret, salt="handrail-console-oidc-flow")
         return self._signer
+
+    async def flow_signer(self) -> URLSafeTimedSerializer:
+        """Signs the cookie that holds an OpenID Connect sign-in under way (state, nonce, PKCE verifier)."""
+        await self.signer()
+        assert self._flow_signer is not None
+        return self._flow_signer
 
     async def session(self, request: Request) -> User | None:
         """The signed-in user of this request, or None."""
@@ -122,9 +134,12 @@ class Access:
         local = bool(data.get("l"))
         if local and self.login_required(request):  # a session of the login-free console is no login
             return None
-        if not local and data["u"] not in self.users:  # a user removed from the environment is logged out
+        sso = bool(data.get("o"))
+        if sso and not (self.oidc and self.oidc.allows(data["u"])):  # no longer let in through the issuer
             return None
-        return User(data["u"], data["c"], local)
+        if not local and not sso and data["u"] not in self.users:  # a user removed from the environment
+            return None
+        return User(data["u"], data["c"], local, sso)
 
     async def user(self, request: Request) -> User | None:
         """The user of this request: the session's, or on a login-free console the local admin (a new session
@@ -159,7 +174,7 @@ class Access:
 
     async def start(self, response: Response, request: Request, user: User) -> None:
         """Put ``user``'s session in a signed cookie on ``response``."""
-        value = (await self.signer()).dumps({"u": user.name, "c": user.csrf, "l": user.local})
+        value = (await self.signer()).dumps({"u": user.name, "c": user.csrf, "l": user.local, "o": user.sso})
         response.set_cookie(
             COOKIE, value, max_age=SESSION_S, httponly=True, samesite="strict", path="/",
             secure=request.url.scheme == "https",

@@ -7,6 +7,7 @@ forms post urlencoded bodies with the session's CSRF token, and answer htmx with
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from secrets import token_urlsafe
@@ -17,6 +18,7 @@ import jinja2
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
+from itsdangerous import BadSignature
 
 from bot import approvals, control, retention, threads
 from bot import channel as bot_channel
@@ -24,7 +26,7 @@ from bot.errors import Conflict, HandrailError, NotFound
 from bot.events import ApprovalDecided, ApprovalRequested, ChannelRef, new_id
 from bot.runtime import Deps
 from bot.threads import Status
-from channels.console import live, views
+from channels.console import live, oidc, views
 from channels.console.access import HEADERS, Access, User
 
 KIND = "console"
@@ -34,6 +36,7 @@ STATIC = {  # name: content type; nothing else is served from the folder
     "favicon.svg": "image/svg+xml",
 }  # fmt: skip
 PAGE = 30  # threads per page
+log = logging.getLogger(__name__)
 
 
 class _Secured(APIRoute):
@@ -129,25 +132,67 @@ def router(deps: Deps) -> APIRouter:
     async def home() -> RedirectResponse:
         return RedirectResponse("/console/chat", 303)
 
+    def login_form(request: Request, code: int = 200, error: str = "", name: str = "", next: str = "") -> HTMLResponse:
+        return render("login.html", request, None, code, error=error, passwords=bool(access.users),
+                      sso=access.oidc.host if access.oidc else "", name=name, next=_safe_next(next))  # fmt: skip
+
     @r.get("/console/login")
     async def login_page(request: Request, next: str = "") -> HTMLResponse:
-        return render("login.html", request, None, error="", configured=bool(access.users), name="",
-                      next=_safe_next(next))  # fmt: skip
+        return login_form(request, next=next)
 
     @r.post("/console/login")
     async def login(request: Request) -> Response:
         fields = await form(request, None)
         name, password = fields.get("name", ""), fields.get("password", "")
         if not access.users:
-            return render("login.html", request, None, 503, error="", configured=False, name=name, next="")
+            return login_form(request, 503, name=name)
         checked = await access.check_password(name, password)
         if not checked:
             error = "wrong name or password" if checked is False else \
                 "too many failed logins for this name: try again in 15 minutes"  # fmt: skip
-            return render("login.html", request, None, 401 if checked is False else 429, error=error,
-                          configured=True, name=name, next=_safe_next(fields.get("next", "")))  # fmt: skip
+            return login_form(request, 401 if checked is False else 429, error, name, fields.get("next", ""))
         response = RedirectResponse(_safe_next(fields.get("next", "")), 303)
         await access.start(response, request, User(name, token_urlsafe(24), local=False))
+        return response
+
+    @r.get("/console/login/oidc")
+    async def oidc_begin(request: Request, next: str = "") -> Response:
+        """Off to the issuer, with this sign-in's state, nonce and PKCE verifier kept in a signed cookie."""
+        if access.oidc is None:
+            raise HTTPException(404, "no OpenID Connect issuer is configured")
+        try:
+            url, flow = await oidc.begin(access.oidc, _safe_next(next))
+        except oidc.Refused as exc:
+            log.warning("console OIDC sign-in not started: %s", exc)
+            return login_form(request, 502, f"Sign-in with {access.oidc.host} failed: {exc}", next=next)
+        response = RedirectResponse(url, 303)
+        response.set_cookie(
+            oidc.FLOW_COOKIE, (await access.flow_signer()).dumps(flow.dump()), max_age=oidc.FLOW_S, httponly=True,
+            samesite="lax", path="/console/login/oidc", secure=request.url.scheme == "https",
+        )  # fmt: skip  # Lax: the issuer sends the browser back by a cross-site top-level GET
+        return response
+
+    @r.get(oidc.CALLBACK)
+    async def oidc_callback(request: Request) -> Response:
+        """The issuer's answer: a verified ID token logs its user in, anything else logs nobody in."""
+        if access.oidc is None:
+            raise HTTPException(404, "no OpenID Connect issuer is configured")
+        try:
+            try:
+                raw = (await access.flow_signer()).loads(request.cookies.get(oidc.FLOW_COOKIE, ""), max_age=oidc.FLOW_S)
+            except BadSignature:
+                raw = None
+            flow = oidc.Flow.load(raw)
+            name = await oidc.finish(access.oidc, flow, request.query_params)
+        except oidc.Refused as exc:
+            log.warning("console OIDC sign-in refused: %s", exc)
+            response: Response = login_form(request, 403, f"Sign-in with {access.oidc.host} failed: {exc}")
+        else:
+            log.info("console OIDC sign-in: console:%s", name)
+            # A page, not a redirect: the strict session cookie is sent only once the browser is on this site.
+            response = render("signed_in.html", request, None, name=name, next=flow.next)
+            await access.start(response, request, User(name, token_urlsafe(24), local=False, sso=True))
+        response.delete_cookie(oidc.FLOW_COOKIE, path="/console/login/oidc")
         return response
 
     @r.post("/console/logout")

@@ -55,9 +55,11 @@ class EmailSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EmailSettings | None:
-        """None when email is not configured (none of the required variables set); a half configuration fails."""
+        """None when email is not configured (none of the required variables set, the public URL aside); a half
+        configuration fails."""
         env = os.environ if env is None else env
-        given = [k for k in REQUIRED if env.get(k)]
+        # HANDRAIL_PUBLIC_URL alone is no email configuration: the console's OpenID Connect login uses it too
+        given = [k for k in REQUIRED if env.get(k) and k != "HANDRAIL_PUBLIC_URL"]
         if not given:
             return None
         missing = [k for k in REQUIRED if not env.get(k)]
