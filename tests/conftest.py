@@ -193,12 +193,13 @@ def model(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedModel]:
 
 
 @contextlib.asynccontextmanager
-async def web_client(deps: Deps) -> AsyncIterator[httpx.AsyncClient]:
-    """The web app under uvicorn on a free port (a port-0 socket), and an HTTP client for it."""
+async def web_client(deps: Deps, bind: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
+    """The web app under uvicorn on a free port (a port-0 socket bound to ``bind``), and an HTTP client for it
+    (through loopback)."""
     from bot.web import serve
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((bind, 0))
     stop = asyncio.Event()
     server = asyncio.create_task(serve(deps, stop, sock=sock))
     try:

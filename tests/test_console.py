@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import re
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -282,27 +281,9 @@ async def test_the_event_stream_says_changed_when_the_watched_thread_changes(
 # -- bound to a public address ----------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def public_console(deps: Deps) -> AsyncIterator[httpx.AsyncClient]:
+def public_console(deps: Deps) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
     """The web app bound to every address (0.0.0.0), reached through loopback."""
-    from bot.web import serve
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("0.0.0.0", 0))
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve(deps, stop, sock=sock))
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=10) as client:
-            for _ in range(200):
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.02)
-            yield client
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 10)
-        sock.close()
+    return web_client(deps, bind="0.0.0.0")
 
 
 async def test_bound_to_a_public_address_the_console_needs_a_login_that_must_be_configured(deps: Deps) -> None:
