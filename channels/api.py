@@ -79,7 +79,7 @@ class AcceptedOut(BaseModel):
 class ThreadOut(BaseModel):
     id: str
     agent: str
-    status: Status
+    status: Status | Literal["queued"] = Field(description="queued: accepted, not yet taken up by a worker")
     events: int
     updated: int
 
@@ -359,9 +359,11 @@ def router(deps: Deps) -> APIRouter:
     @api.get("/threads/{thread_id}", response_model=ThreadDetailOut, responses=_errors(401, 403, 404, 503))
     async def get_thread(thread_id: str, who: Reader) -> ThreadDetailOut:
         """A thread with its whole event log."""
-        _, _, t = await existing(thread_id, who)
-        if t is None:
-            raise HTTPException(404, f"thread {thread_id!r} is launched but not started yet; try again shortly")
+        agent, _, t = await existing(thread_id, who)
+        if t is None:  # accepted (202), on the inbound stream: it exists, with nothing in its log yet
+            launched = await control.pending_launch(deps, thread_id)
+            at = launched.at if launched is not None else 0
+            return ThreadDetailOut(id=thread_id, agent=agent, status="queued", events=0, updated=at, events_log=[])
         return ThreadDetailOut(
             id=t.id, agent=t.agent, status=t.status, events=len(t.events), updated=t.events[-1].at,
             events_log=[codec.event_to_dict(e, keep_thread=True) for e in t.events],

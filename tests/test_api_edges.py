@@ -154,6 +154,10 @@ async def test_control_right_after_a_launch_is_accepted_and_404s_are_not_kept(
     assert early.status_code == 404
     tid = (await web.post("/api/v1/threads", json=LAUNCH, headers=h)).json()["thread_id"]
     assert await threads.recent_ids(deps.redis, deps.keys) == []  # on the stream, not applied: no worker runs
+    queued = await web.get(f"/api/v1/threads/{tid}", headers=h)  # just created: found, with an empty log
+    assert queued.status_code == 200 and {k: queued.json()[k] for k in ("agent", "status", "events", "events_log")} == {
+        "agent": "refund-desk", "status": "queued", "events": 0, "events_log": []
+    }  # fmt: skip
     for verb in ("pause", "resume"):
         assert (await web.post(f"/api/v1/threads/{tid}/{verb}", headers=h)).status_code == 202, verb
     r = await web.post(f"/api/v1/threads/{tid}/messages", json={"text": "and refund A100"}, headers=h)
