@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import string
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ _BUILTIN_TOOLS: list[dict[str, Any]] = [
 def load_litellm() -> Any:
     """Import litellm with its bundled price list (no network at import)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    # litellm's own TypedDicts make pydantic print ~130 warnings at import; they say nothing to a Handrail user.
+    # A filter, not catch_warnings: this runs in a thread while the event loop goes on.
+    warnings.filterwarnings("ignore", message=r".* (is|are) using the `ReadOnly` qualifier", category=UserWarning)
     import litellm
 
     litellm.telemetry = False
