@@ -274,7 +274,8 @@ async def approvals_page(
     rows, after = await walk_index(deps, deps.keys.pending_approvals, cursor=cursor, budget=limit, newest_first=False)
     records = await approvals.records(deps.redis, deps.keys, [i for i, _ in rows])
     if agents is not None:
-        records = [r for r in records if await threads.agent_of(deps.redis, deps.keys, r.thread_id) in agents]
+        owners = await threads.agents_of(deps.redis, deps.keys, [r.thread_id for r in records])
+        records = [r for r, agent in zip(records, owners, strict=True) if agent in agents]
     return Page(records, after)
 
 

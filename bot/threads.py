@@ -121,9 +121,19 @@ async def load(redis: aioredis.Redis, keys: Keys, thread_id: str) -> Thread:
 
 async def agent_of(redis: aioredis.Redis, keys: Keys, thread_id: str) -> str | None:
     """The agent a thread was launched for, from its first event alone; None for a thread with no log."""
-    rows = await redis.xrange(keys.log(thread_id), count=1)
-    first = codec.decode(rows[0][1][b"e"], thread_id) if rows else None
-    return first.agent if isinstance(first, ThreadLaunched) else None
+    return (await agents_of(redis, keys, [thread_id]))[0]
+
+
+async def agents_of(redis: aioredis.Redis, keys: Keys, thread_ids: Sequence[str]) -> list[str | None]:
+    """``agent_of`` for many threads, in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    for tid in thread_ids:
+        pipe.xrange(keys.log(tid), count=1)
+    out: list[str | None] = []
+    for tid, rows in zip(thread_ids, await pipe.execute(), strict=True):
+        first = codec.decode(rows[0][1][b"e"], tid) if rows else None
+        out.append(first.agent if isinstance(first, ThreadLaunched) else None)
+    return out
 
 
 async def get(redis: aioredis.Redis, keys: Keys, thread_id: str) -> Thread:

@@ -298,16 +298,16 @@ def router(deps: Deps) -> APIRouter:
     def accepted(a: control.Accepted) -> tuple[int, Any]:
         return 202, AcceptedOut(thread_id=a.thread_id, duplicate=a.duplicate).model_dump()
 
-    async def existing(thread_id: str, who: Principal) -> tuple[str, ChannelRef | None, threads.Thread | None]:
-        """A thread's agent and origin, whether applied or only launched (on the stream): 404 if neither, or if
-        the caller may not use its agent (its existence is not revealed)."""
+    async def existing(thread_id: str, who: Principal) -> tuple[ThreadLaunched, threads.Thread | None]:
+        """A thread's launch, whether applied or only launched (on the stream), and its log if applied: 404 if
+        neither, or if the caller may not use its agent (its existence is not revealed)."""
         thread = await threads.load(deps.redis, deps.keys, thread_id)
         launched: ThreadLaunched | None = thread.launched
         if not thread.events:
             launched = await control.pending_launch(deps, thread_id)
         if launched is None or not who.may_use(launched.agent):
             raise HTTPException(404, f"no thread {thread_id!r}")
-        return launched.agent, launched.ref, thread if thread.events else None
+        return launched, thread if thread.events else None
 
     @api.post(
         "/threads", status_code=202, response_model=AcceptedOut, responses=_errors(*posted)
@@ -359,11 +359,10 @@ def router(deps: Deps) -> APIRouter:
     @api.get("/threads/{thread_id}", response_model=ThreadDetailOut, responses=_errors(401, 403, 404, 503))
     async def get_thread(thread_id: str, who: Reader) -> ThreadDetailOut:
         """A thread with its whole event log."""
-        agent, _, t = await existing(thread_id, who)
+        launched, t = await existing(thread_id, who)
         if t is None:  # accepted (202), on the inbound stream: it exists, with nothing in its log yet
-            launched = await control.pending_launch(deps, thread_id)
-            at = launched.at if launched is not None else 0
-            return ThreadDetailOut(id=thread_id, agent=agent, status="queued", events=0, updated=at, events_log=[])
+            return ThreadDetailOut(id=thread_id, agent=launched.agent, status="queued", events=0,
+                                   updated=launched.at, events_log=[])  # fmt: skip
         return ThreadDetailOut(
             id=t.id, agent=t.agent, status=t.status, events=len(t.events), updated=t.events[-1].at,
             events_log=[codec.event_to_dict(e, keep_thread=True) for e in t.events],
@@ -379,7 +378,7 @@ def router(deps: Deps) -> APIRouter:
         """Send a message into a thread."""
 
         async def run() -> tuple[int, Any]:
-            _, origin, _ = await existing(thread_id, who)
+            origin = (await existing(thread_id, who))[0].ref
             ref = origin or ChannelRef(kind=KIND, address=who.name)
             return accepted(
                 await control.send(deps, thread_id, body.text, ref.model_copy(update={"user": who.identity}))
@@ -397,7 +396,7 @@ def router(deps: Deps) -> APIRouter:
         """Answer the question a thread is waiting on (409 if it is not waiting for a human)."""
 
         async def run() -> tuple[int, Any]:
-            _, _, t = await existing(thread_id, who)
+            t = (await existing(thread_id, who))[1]
             state = t.status if t is not None else "not started yet"
             if t is None or t.status is not Status.WAITING_HUMAN:
                 raise HTTPException(409, f"thread {thread_id} is not waiting for an answer (it is {state})")
@@ -459,7 +458,7 @@ def router(deps: Deps) -> APIRouter:
             record = await approvals.get(deps.redis, deps.keys, approval_id)
         except NotFound:
             raise HTTPException(404, f"no approval {approval_id!r}") from None
-        _, _, thread = await existing(record.thread_id, who)
+        thread = (await existing(record.thread_id, who))[1]
         request = next((e for e in (thread.events if thread else []) if isinstance(e, ApprovalRequested)
                         and e.approval_id == approval_id), None)  # fmt: skip
         if request is None:  # the record outlives nothing else: its request is in the thread's log
