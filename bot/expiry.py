@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from bot import approvals
 from bot.agent import DEFAULT_EXPIRY
 from bot.connections import server_time_ms
+from bot.errors import HandrailError
 from bot.runtime import Deps
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,13 @@ async def expire_due(deps: Deps, *, limit: int = BATCH) -> int:
     due = await deps.redis.zrangebyscore(deps.keys.pending_approvals, "-inf", now, start=0, num=limit)
     expired = 0
     for raw in due:
-        outcome = await approvals.expire(deps.redis, deps.keys, raw.decode(), default_after=DEFAULT_EXPIRY)
+        try:
+            outcome = await approvals.expire(deps.redis, deps.keys, raw.decode(), default_after=DEFAULT_EXPIRY)
+        except (RedisError, HandrailError):  # Redis away, or this process's settings are stale: not this record's
+            raise
+        except Exception:  # a record this version cannot read holds up no other: logged, the rest expire
+            log.exception("approval %s: cannot expire it", raw.decode(errors="replace"))
+            continue
         if outcome.result == "ok":
             expired += 1
             log.info("approval %s expired", raw.decode())

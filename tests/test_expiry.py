@@ -123,3 +123,14 @@ def test_channels_show_an_expiry_as_expired_not_as_a_rejection() -> None:
                               feedback="nobody decided within 7 days", expired=True)]  # fmt: skip
     got = decision("t", events)
     assert (got.status, got.feedback) == ("expired", "nobody decided within 7 days")
+
+
+async def test_a_record_that_cannot_be_read_holds_up_no_other_expiry(deps: Deps, start_worker: Any) -> None:
+    await start_worker()
+    tid, record = await waiting_approval(deps)
+    await deps.redis.hset(deps.keys.approval("broken"), mapping={"thread_id": tid, "requested_at": "soon"})
+    await deps.redis.zadd(deps.keys.pending_approvals, {"broken": 0})  # first in line
+    await asyncio.sleep(2.1)
+    assert await expiry.expire_due(deps) == 1
+    assert (await approvals.get(deps.redis, deps.keys, record.id)).state == "expired"
+    await wait_for(deps, tid, status_is(Status.DONE))
