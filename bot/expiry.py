@@ -51,5 +51,7 @@ async def run_expirer(deps: Deps, stop: asyncio.Event, every: float = EVERY) -> 
                 pass  # more were due than one batch holds
         except RedisError as exc:  # Redis restarting or unreachable: the next look tries again
             log.warning("cannot expire approvals (%s); retrying", exc)
+        except Exception:  # e.g. this process's settings went stale: said, and tried again, as the scheduler does
+            log.exception("expiring approvals failed; retrying")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
