@@ -134,3 +134,23 @@ async def test_a_record_that_cannot_be_read_holds_up_no_other_expiry(deps: Deps,
     assert await expiry.expire_due(deps) == 1
     assert (await approvals.get(deps.redis, deps.keys, record.id)).state == "expired"
     await wait_for(deps, tid, status_is(Status.DONE))
+
+
+async def test_a_failed_round_of_the_expirer_is_followed_by_the_next(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rounds: list[int] = []
+
+    async def failing_first(d: Deps, *, limit: int = expiry.BATCH) -> int:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise ValueError("settings went stale")  # any failure but Redis's own
+        return 0
+
+    monkeypatch.setattr(expiry, "expire_due", failing_first)
+    stop = asyncio.Event()
+    task = asyncio.create_task(expiry.run_expirer(deps, stop, every=0.01))
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert len(rounds) > 2, "the expirer stopped after a failed round"
